@@ -1,0 +1,10 @@
+//! The contract crate: everything two DeCLIP processes must agree on, and nothing
+//! that needs libtorch.
+//!
+//! - [`job`]: the job spec (one schema for every process), its named architecture
+//!   presets, how it is loaded from TOML + environment + `--set` overrides, and the
+//!   validation that runs before any work starts.
+//! - [`cli`]: the flags, logging and exit codes both binaries share.
+
+pub mod cli;
+pub mod job;

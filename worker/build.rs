@@ -1,0 +1,19 @@
+//! torch-sys gives binaries no rpath: every crate whose binaries or tests link tch
+//! needs this, or they die at start with exit 127 (see docs/development.md).
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-changed=build.rs");
+    let Ok(libtorch) = std::env::var("LIBTORCH") else {
+        println!("cargo:warning=LIBTORCH is not set; run scripts/setup-libtorch (.cargo/config.toml points at .libtorch)");
+        return;
+    };
+    let libtorch = PathBuf::from(libtorch);
+    let lib = libtorch.join("lib");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    let version_file = libtorch.join("build-version");
+    println!("cargo:rerun-if-changed={}", version_file.display());
+    let version = std::fs::read_to_string(&version_file).unwrap_or_else(|_| "unknown".into());
+    println!("cargo:rustc-env=DECLIP_LIBTORCH_VERSION={}", version.trim());
+}

@@ -1,0 +1,6 @@
+//! The DeCLIP worker: trainer and teacher processes and the model library.
+//!
+//! Every entry point (the binary's `main`, each test) calls [`runtime::init`]
+//! first: it makes CUDA visible to libtorch before anything asks about it.
+
+pub mod runtime;
