@@ -8,6 +8,9 @@ use std::process::Output;
 
 use common::{binary, repo_root, text, tree};
 
+/// (args, environment, expected origin in the message, expected key)
+type RefusalCase<'a> = (Vec<String>, Vec<(&'a str, &'a str)>, String, &'a str);
+
 /// Runs `coordinator validate` in an empty folder whose run_dir points inside it.
 fn validate_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = binary("coordinator");
@@ -20,9 +23,19 @@ fn validate_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn assert_refused(output: &Output, origin: &str, key: &str) {
     let (stdout, stderr) = text(output);
-    assert_eq!(output.status.code(), Some(2), "stdout: {stdout}\nstderr: {stderr}");
-    assert!(stderr.contains(origin), "stderr should name {origin:?}: {stderr}");
-    assert!(stderr.contains(&format!("`{key}`")), "stderr should name key {key:?}: {stderr}");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stderr.contains(origin),
+        "stderr should name {origin:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("`{key}`")),
+        "stderr should name key {key:?}: {stderr}"
+    );
 }
 
 /// Writes a copy of the demo config with `edit` applied, returns its path.
@@ -38,7 +51,11 @@ fn demo_variant(dir: &Path, name: &str, edit: impl Fn(String) -> String) -> Stri
 #[test]
 fn the_embedded_demo_validates_and_prints_the_resolved_config() {
     let dir = tempfile::tempdir().unwrap();
-    let output = validate_in(dir.path(), &["--set", "train.epochs=2"], &[("DECLIP__TRAIN__LR", "0.004")]);
+    let output = validate_in(
+        dir.path(),
+        &["--set", "train.epochs=2"],
+        &[("DECLIP__TRAIN__LR", "0.004")],
+    );
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "{stderr}");
     assert!(stdout.contains("epochs = 2"), "{stdout}");
@@ -54,21 +71,68 @@ fn malformed_configs_are_refused_naming_file_and_key_and_leave_no_files() {
     let configs = tempfile::tempdir().unwrap();
     let cfg = configs.path();
     // (config file, extra args, env, expected origin, expected key)
-    let unknown = demo_variant(cfg, "unknown.toml", |t| t.replace("[train]", "[train]\nbatchsize = 4"));
-    let wrong_type = demo_variant(cfg, "type.toml", |t| t.replace("epochs = 3", "epochs = \"three\""));
+    let unknown = demo_variant(cfg, "unknown.toml", |t| {
+        t.replace("[train]", "[train]\nbatchsize = 4")
+    });
+    let wrong_type = demo_variant(cfg, "type.toml", |t| {
+        t.replace("epochs = 3", "epochs = \"three\"")
+    });
     let range = demo_variant(cfg, "range.toml", |t| t.replace("lr = 2e-3", "lr = -1.0"));
-    let batch = demo_variant(cfg, "batch.toml", |t| t.replace("batch_size = 4", "batch_size = 5"));
-    let patch = demo_variant(cfg, "patch.toml", |t| t.replace("student_resolution = 224", "student_resolution = 200"));
-    let grid = demo_variant(cfg, "grid.toml", |t| t.replace("vfm_resolution = 196", "vfm_resolution = 168"));
-    let coco = demo_variant(cfg, "coco.toml", |t| t.replace("source = \"synthetic\"", "source = \"coco\""));
-    let cases: Vec<(Vec<String>, Vec<(&str, &str)>, String, &str)> = vec![
-        (vec!["--config".into(), unknown.clone()], vec![], unknown.clone(), "train.batchsize"),
-        (vec!["--config".into(), wrong_type.clone()], vec![], wrong_type.clone(), "train.epochs"),
-        (vec!["--config".into(), range.clone()], vec![], range.clone(), "train.lr"),
-        (vec!["--config".into(), batch.clone()], vec![], batch.clone(), "train.batch_size"),
-        (vec!["--config".into(), patch.clone()], vec![], patch.clone(), "data.student_resolution"),
-        (vec!["--config".into(), grid.clone()], vec![], grid.clone(), "data.vfm_resolution"),
-        (vec!["--config".into(), coco.clone()], vec![], coco.clone(), "data.coco_root"),
+    let batch = demo_variant(cfg, "batch.toml", |t| {
+        t.replace("batch_size = 4", "batch_size = 5")
+    });
+    let patch = demo_variant(cfg, "patch.toml", |t| {
+        t.replace("student_resolution = 224", "student_resolution = 200")
+    });
+    let grid = demo_variant(cfg, "grid.toml", |t| {
+        t.replace("vfm_resolution = 196", "vfm_resolution = 168")
+    });
+    let coco = demo_variant(cfg, "coco.toml", |t| {
+        t.replace("source = \"synthetic\"", "source = \"coco\"")
+    });
+    let cases: Vec<RefusalCase> = vec![
+        (
+            vec!["--config".into(), unknown.clone()],
+            vec![],
+            unknown.clone(),
+            "train.batchsize",
+        ),
+        (
+            vec!["--config".into(), wrong_type.clone()],
+            vec![],
+            wrong_type.clone(),
+            "train.epochs",
+        ),
+        (
+            vec!["--config".into(), range.clone()],
+            vec![],
+            range.clone(),
+            "train.lr",
+        ),
+        (
+            vec!["--config".into(), batch.clone()],
+            vec![],
+            batch.clone(),
+            "train.batch_size",
+        ),
+        (
+            vec!["--config".into(), patch.clone()],
+            vec![],
+            patch.clone(),
+            "data.student_resolution",
+        ),
+        (
+            vec!["--config".into(), grid.clone()],
+            vec![],
+            grid.clone(),
+            "data.vfm_resolution",
+        ),
+        (
+            vec!["--config".into(), coco.clone()],
+            vec![],
+            coco.clone(),
+            "data.coco_root",
+        ),
         (
             vec![],
             vec![("DECLIP__TRAIN__BATCH_SIZE", "3")],
@@ -87,16 +151,28 @@ fn malformed_configs_are_refused_naming_file_and_key_and_leave_no_files() {
         let output = validate_in(dir.path(), &args, &env);
         assert_refused(&output, &origin, key);
     }
-    assert!(tree(dir.path()).is_empty(), "refused configs write nothing: {:?}", tree(dir.path()));
+    assert!(
+        tree(dir.path()).is_empty(),
+        "refused configs write nothing: {:?}",
+        tree(dir.path())
+    );
 }
 
 #[test]
 fn every_reference_config_validates_with_a_data_root() {
     let dir = tempfile::tempdir().unwrap();
-    for name in ["eva02-b16-coco.toml", "eva02-l14-336-coco.toml", "openai-b16-coco.toml"] {
+    for name in [
+        "eva02-b16-coco.toml",
+        "eva02-l14-336-coco.toml",
+        "openai-b16-coco.toml",
+    ] {
         let path = repo_root().join("configs").join(name);
         let path = path.display().to_string();
-        let output = validate_in(dir.path(), &["--config", &path, "--set", "data.coco_root=/data/coco"], &[]);
+        let output = validate_in(
+            dir.path(),
+            &["--config", &path, "--set", "data.coco_root=/data/coco"],
+            &[],
+        );
         assert!(output.status.success(), "{name}: {}", text(&output).1);
         let without_root = validate_in(dir.path(), &["--config", &path], &[]);
         assert_refused(&without_root, name, "data.coco_root");
@@ -105,7 +181,10 @@ fn every_reference_config_validates_with_a_data_root() {
 
 #[test]
 fn the_worker_reports_what_libtorch_found_and_refuses_a_missing_gpu() {
-    let output = binary("worker").args(["devices", "--device", "cpu"]).output().unwrap();
+    let output = binary("worker")
+        .args(["devices", "--device", "cpu"])
+        .output()
+        .unwrap();
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "{stderr}");
     assert!(stdout.contains("libtorch 2.11.0; CUDA "), "{stdout}");
@@ -117,9 +196,15 @@ fn the_worker_reports_what_libtorch_found_and_refuses_a_missing_gpu() {
         .output()
         .unwrap();
     let first_line = text(&json).1.lines().next().unwrap_or_default().to_string();
-    assert!(first_line.starts_with('{') && first_line.contains("\"level\":\"INFO\""), "{first_line}");
+    assert!(
+        first_line.starts_with('{') && first_line.contains("\"level\":\"INFO\""),
+        "{first_line}"
+    );
     // A GPU index beyond what is visible is an error, not a silent CPU run.
-    let missing = binary("worker").args(["devices", "--device", "cuda:7"]).output().unwrap();
+    let missing = binary("worker")
+        .args(["devices", "--device", "cuda:7"])
+        .output()
+        .unwrap();
     assert!(!missing.status.success());
     assert!(text(&missing).1.contains("cuda:7"), "{}", text(&missing).1);
 }

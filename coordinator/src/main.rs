@@ -47,7 +47,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn validate(config: &ConfigArgs) -> ExitCode {
     match config.load() {
         Ok(loaded) => {
-            println!("# resolved from {} (hash {})", loaded.source, loaded.spec.hash_hex());
+            println!(
+                "# resolved from {} (hash {})",
+                loaded.source,
+                loaded.spec.hash_hex()
+            );
             print!("{}", loaded.spec.to_toml());
             ExitCode::SUCCESS
         }

@@ -4,7 +4,10 @@
 //! - [`job`]: the job spec (one schema for every process), its named architecture
 //!   presets, how it is loaded from TOML + environment + `--set` overrides, and the
 //!   validation that runs before any work starts.
+//! - [`plan`]: deterministic plans (epoch order, shards, crop plan) that trainers,
+//!   teachers and the coordinator must derive identically.
 //! - [`cli`]: the flags, logging and exit codes both binaries share.
 
 pub mod cli;
 pub mod job;
+pub mod plan;

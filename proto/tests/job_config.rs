@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use proto::job::{self, ConfigError, ConfigSource, Precision, Problem};
 
 fn repo_config(name: &str) -> ConfigSource {
-    ConfigSource::File(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs").join(name))
+    ConfigSource::File(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs")
+            .join(name),
+    )
 }
 
 fn no_env() -> Vec<(String, String)> {
@@ -23,7 +27,11 @@ fn problems(result: Result<job::LoadedJob, ConfigError>) -> Vec<Problem> {
 fn every_shipped_config_is_valid_once_the_user_sets_the_data_root() {
     let demo = job::load(&job::DEMO_CONFIG, no_env(), &[]).expect("demo config");
     assert_eq!(demo.spec.trainers.max, 2);
-    for name in ["eva02-b16-coco.toml", "eva02-l14-336-coco.toml", "openai-b16-coco.toml"] {
+    for name in [
+        "eva02-b16-coco.toml",
+        "eva02-l14-336-coco.toml",
+        "openai-b16-coco.toml",
+    ] {
         let sets = ["data.coco_root=/data/coco".to_string()];
         let loaded = job::load(&repo_config(name), no_env(), &sets)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -40,10 +48,18 @@ fn every_shipped_config_is_valid_once_the_user_sets_the_data_root() {
 
 #[test]
 fn a_reference_config_without_its_data_root_is_refused_naming_the_key() {
-    let found = problems(job::load(&repo_config("eva02-b16-coco.toml"), no_env(), &[]));
+    let found = problems(job::load(
+        &repo_config("eva02-b16-coco.toml"),
+        no_env(),
+        &[],
+    ));
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].key, "data.coco_root");
-    assert!(found[0].origin.ends_with("configs/eva02-b16-coco.toml"), "{}", found[0].origin);
+    assert!(
+        found[0].origin.ends_with("configs/eva02-b16-coco.toml"),
+        "{}",
+        found[0].origin
+    );
 }
 
 #[test]
@@ -55,7 +71,10 @@ fn presets_are_defaults_that_explicit_fields_override() {
     ];
     let loaded = job::load(&repo_config("eva02-b16-coco.toml"), no_env(), &sets).unwrap();
     let arch = loaded.spec.model.student.arch();
-    assert_eq!((arch.width, arch.heads, arch.head_dim, arch.depth), (1536, 24, 64, 12));
+    assert_eq!(
+        (arch.width, arch.heads, arch.head_dim, arch.depth),
+        (1536, 24, 64, 12)
+    );
 }
 
 #[test]
@@ -68,7 +87,10 @@ fn environment_overrides_the_file_and_set_overrides_the_environment() {
     let loaded = job::load(&job::DEMO_CONFIG, env.clone(), &[]).unwrap();
     assert_eq!(loaded.spec.train.batch_size, 8);
     assert_eq!(loaded.spec.train.precision, Precision::Bf16);
-    let sets = ["train.batch_size=12".to_string(), "train.betas=[0.8, 0.9]".to_string()];
+    let sets = [
+        "train.batch_size=12".to_string(),
+        "train.betas=[0.8, 0.9]".to_string(),
+    ];
     let loaded = job::load(&job::DEMO_CONFIG, env, &sets).unwrap();
     assert_eq!(loaded.spec.train.batch_size, 12);
     assert_eq!(loaded.spec.train.betas, [0.8, 0.9]);
@@ -77,27 +99,53 @@ fn environment_overrides_the_file_and_set_overrides_the_environment() {
 #[test]
 fn problems_name_the_source_that_set_the_key() {
     let env = vec![("DECLIP__TRAIN__LR".to_string(), "-1".to_string())];
-    let found = problems(job::load(&job::DEMO_CONFIG, env, &["export.alpha=1.5".into()]));
-    let lr = found.iter().find(|p| p.key == "train.lr").expect("lr problem");
+    let found = problems(job::load(
+        &job::DEMO_CONFIG,
+        env,
+        &["export.alpha=1.5".into()],
+    ));
+    let lr = found
+        .iter()
+        .find(|p| p.key == "train.lr")
+        .expect("lr problem");
     assert_eq!(lr.origin, "environment variable DECLIP__TRAIN__LR");
-    let alpha = found.iter().find(|p| p.key == "export.alpha").expect("alpha problem");
+    let alpha = found
+        .iter()
+        .find(|p| p.key == "export.alpha")
+        .expect("alpha problem");
     assert_eq!(alpha.origin, "--set export.alpha=1.5");
     assert_eq!(alpha.value, "1.5");
 }
 
 #[test]
 fn unknown_keys_are_refused_with_their_path() {
-    let found = problems(job::load(&job::DEMO_CONFIG, no_env(), &["train.batchsize=4".into()]));
+    let found = problems(job::load(
+        &job::DEMO_CONFIG,
+        no_env(),
+        &["train.batchsize=4".into()],
+    ));
     assert_eq!(found[0].key, "train.batchsize");
-    assert!(found[0].allowed.contains("unknown field"), "{}", found[0].allowed);
+    assert!(
+        found[0].allowed.contains("unknown field"),
+        "{}",
+        found[0].allowed
+    );
     assert_eq!(found[0].origin, "--set train.batchsize=4");
 }
 
 #[test]
 fn wrong_types_are_refused_with_their_path() {
-    let found = problems(job::load(&job::DEMO_CONFIG, no_env(), &["train.epochs=\"many\"".into()]));
+    let found = problems(job::load(
+        &job::DEMO_CONFIG,
+        no_env(),
+        &["train.epochs=\"many\"".into()],
+    ));
     assert_eq!(found[0].key, "train.epochs");
-    assert!(found[0].allowed.contains("invalid type"), "{}", found[0].allowed);
+    assert!(
+        found[0].allowed.contains("invalid type"),
+        "{}",
+        found[0].allowed
+    );
 }
 
 #[test]
@@ -119,27 +167,50 @@ fn inconsistent_values_are_refused() {
     for (sets, key) in cases {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let found = problems(job::load(&job::DEMO_CONFIG, no_env(), &sets));
-        assert!(found.iter().any(|p| p.key == *key), "{sets:?}: expected {key}, got {found:?}");
+        assert!(
+            found.iter().any(|p| p.key == *key),
+            "{sets:?}: expected {key}, got {found:?}"
+        );
     }
 }
 
 #[test]
 fn a_grid_mismatch_suggests_the_matching_resolution() {
-    let found = problems(job::load(&job::DEMO_CONFIG, no_env(), &["data.vfm_resolution=210".into()]));
-    let p = found.iter().find(|p| p.key == "data.vfm_resolution").unwrap();
-    assert!(p.allowed.contains("data.vfm_resolution = 196"), "{}", p.allowed);
+    let found = problems(job::load(
+        &job::DEMO_CONFIG,
+        no_env(),
+        &["data.vfm_resolution=210".into()],
+    ));
+    let p = found
+        .iter()
+        .find(|p| p.key == "data.vfm_resolution")
+        .unwrap();
+    assert!(
+        p.allowed.contains("data.vfm_resolution = 196"),
+        "{}",
+        p.allowed
+    );
 }
 
 #[test]
 fn a_missing_file_and_bad_toml_are_reported_with_the_path() {
-    let missing = job::load(&ConfigSource::File("/nonexistent/job.toml".into()), no_env(), &[]);
-    assert!(matches!(missing, Err(ConfigError::Read { ref path, .. }) if path == "/nonexistent/job.toml"));
+    let missing = job::load(
+        &ConfigSource::File("/nonexistent/job.toml".into()),
+        no_env(),
+        &[],
+    );
+    assert!(
+        matches!(missing, Err(ConfigError::Read { ref path, .. }) if path == "/nonexistent/job.toml")
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[train]\nbatch_size = = 4\n").unwrap();
     let err = job::load(&ConfigSource::File(path.clone()), no_env(), &[]).unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("bad.toml") && text.contains("line 2"), "{text}");
+    assert!(
+        text.contains("bad.toml") && text.contains("line 2"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -1,10 +1,13 @@
 //! `worker`: a DeCLIP trainer or teacher process.
 
+mod commands;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use proto::cli::{self, LogArgs};
+use proto::cli::{self, ConfigArgs, LogArgs, EXIT_CONFIG};
 use proto::job::parse_device;
 use worker::runtime;
 
@@ -28,6 +31,35 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Run the job's preprocessing and models on a few images and write every
+    /// intermediate tensor (float32) to a safetensors file: student_input, content_map,
+    /// context, vfm_input, vfm_features, affinity_teacher, affinity_student; with --boxes
+    /// also roi_features, crop_inputs, crop_embeddings and the losses. Use it to check a
+    /// weights conversion against your PyTorch setup.
+    Inspect {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Student weights (safetensors); overrides model.student.weights. Without
+        /// either, the config's seeded random initialisation is used.
+        #[arg(long, value_name = "FILE")]
+        student_weights: Option<PathBuf>,
+        /// VFM weights (safetensors); overrides model.vfm.weights.
+        #[arg(long, value_name = "FILE")]
+        vfm_weights: Option<PathBuf>,
+        /// An image (JPEG or PNG). Repeat for a batch; outputs keep this order.
+        #[arg(long = "image", value_name = "FILE", required = true)]
+        images: Vec<PathBuf>,
+        /// JSON list with one entry per --image, each a list of [x0, y0, x1, y1] boxes in
+        /// original-image pixels. Crops and region outputs follow image-then-box order.
+        #[arg(long, value_name = "FILE")]
+        boxes: Option<PathBuf>,
+        /// Where to write the tensors (written atomically).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// `auto`, `cpu`, `cuda` or `cuda:N`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,12 +80,52 @@ fn main() -> ExitCode {
 fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Devices { device } => {
-            let request = parse_device(&device)
-                .with_context(|| format!("--device {device:?}: expected auto, cpu, cuda or cuda:N"))?;
-            let selected = runtime::select_device(request, info)?;
+            let selected = select(&device, info)?;
             println!("{}", info.summary());
             println!("device: {selected:?}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Inspect {
+            config,
+            student_weights,
+            vfm_weights,
+            images,
+            boxes,
+            out,
+            device,
+        } => {
+            let job = match config.load() {
+                Ok(loaded) => loaded.spec,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            let device = select(&device, info)?;
+            let request = commands::inspect::InspectRequest {
+                job,
+                student_weights,
+                vfm_weights,
+                images,
+                boxes,
+                device,
+            };
+            let tensors = commands::inspect::inspect(&request)?;
+            commands::inspect::write_tensors(&out, &tensors)?;
+            let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+            println!(
+                "wrote {} tensors to {}: {}",
+                tensors.len(),
+                out.display(),
+                names.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn select(device: &str, info: &runtime::RuntimeInfo) -> anyhow::Result<tch::Device> {
+    let request = parse_device(device)
+        .with_context(|| format!("--device {device:?}: expected auto, cpu, cuda or cuda:N"))?;
+    Ok(runtime::select_device(request, info)?)
 }

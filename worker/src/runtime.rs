@@ -54,7 +54,11 @@ pub fn init() -> &'static RuntimeInfo {
     RUNTIME.get_or_init(|| {
         let cuda_library = load_cuda_library();
         // Only now is it safe to ask libtorch about CUDA.
-        let cuda_devices = if cuda_library.is_ok() { tch::Cuda::device_count().max(0) as usize } else { 0 };
+        let cuda_devices = if cuda_library.is_ok() {
+            tch::Cuda::device_count().max(0) as usize
+        } else {
+            0
+        };
         RuntimeInfo {
             cuda_library,
             cuda_devices,
@@ -65,7 +69,8 @@ pub fn init() -> &'static RuntimeInfo {
 
 fn load_cuda_library() -> Result<String, String> {
     let candidate = std::env::var(CUDA_LIBRARY_ENV).unwrap_or_else(|_| "libtorch_cuda.so".into());
-    let name = CString::new(candidate.clone()).map_err(|_| format!("{CUDA_LIBRARY_ENV} contains a NUL byte"))?;
+    let name = CString::new(candidate.clone())
+        .map_err(|_| format!("{CUDA_LIBRARY_ENV} contains a NUL byte"))?;
     // SAFETY: dlopen with a valid C string; the handle is deliberately never closed
     // (libtorch keeps references into the library for the life of the process).
     let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
@@ -136,8 +141,14 @@ mod tests {
     #[test]
     fn auto_falls_back_to_cpu_and_explicit_gpus_are_checked() {
         let info = cpu_only();
-        assert_eq!(select_device(DeviceRequest::Auto, &info).unwrap(), Device::Cpu);
-        assert_eq!(select_device(DeviceRequest::Cpu, &info).unwrap(), Device::Cpu);
+        assert_eq!(
+            select_device(DeviceRequest::Auto, &info).unwrap(),
+            Device::Cpu
+        );
+        assert_eq!(
+            select_device(DeviceRequest::Cpu, &info).unwrap(),
+            Device::Cpu
+        );
         let err = select_device(DeviceRequest::Cuda(1), &info).unwrap_err();
         assert!(err.to_string().contains("CUDA is unavailable"), "{err}");
         let two_gpus = RuntimeInfo {
@@ -145,8 +156,14 @@ mod tests {
             cuda_devices: 2,
             cpu_threads: 2,
         };
-        assert_eq!(select_device(DeviceRequest::Auto, &two_gpus).unwrap(), Device::Cuda(0));
-        assert_eq!(select_device(DeviceRequest::Cuda(1), &two_gpus).unwrap(), Device::Cuda(1));
+        assert_eq!(
+            select_device(DeviceRequest::Auto, &two_gpus).unwrap(),
+            Device::Cuda(0)
+        );
+        assert_eq!(
+            select_device(DeviceRequest::Cuda(1), &two_gpus).unwrap(),
+            Device::Cuda(1)
+        );
         assert!(matches!(
             select_device(DeviceRequest::Cuda(2), &two_gpus),
             Err(DeviceError::NoSuchGpu { index: 2, count: 2 })

@@ -86,21 +86,22 @@ pub const PRESET_NAMES: &[&str] = &[
 
 /// Looks a preset up by name.
 pub fn preset(name: &str) -> Option<VitArch> {
-    let base = |family, width, depth, heads, mlp_hidden, patch_size, image_size, embed_dim| VitArch {
-        family,
-        width,
-        depth,
-        heads,
-        head_dim: 64,
-        mlp_hidden,
-        patch_size,
-        image_size,
-        embed_dim,
-        register_tokens: 0,
-        layer_scale: false,
-        rope_ref_grid: 0,
-        layer_norm_eps: 1e-6,
-    };
+    let base =
+        |family, width, depth, heads, mlp_hidden, patch_size, image_size, embed_dim| VitArch {
+            family,
+            width,
+            depth,
+            heads,
+            head_dim: 64,
+            mlp_hidden,
+            patch_size,
+            image_size,
+            embed_dim,
+            register_tokens: 0,
+            layer_scale: false,
+            rope_ref_grid: 0,
+            layer_norm_eps: 1e-6,
+        };
     let arch = match name {
         "eva02-b16" => VitArch {
             rope_ref_grid: 16,
@@ -151,10 +152,16 @@ mod tests {
     #[test]
     fn method_spec_shapes() {
         let b = preset("eva02-b16").unwrap();
-        assert_eq!((b.width, b.depth, b.heads, b.mlp_hidden, b.embed_dim), (768, 12, 12, 2048, 512));
+        assert_eq!(
+            (b.width, b.depth, b.heads, b.mlp_hidden, b.embed_dim),
+            (768, 12, 12, 2048, 512)
+        );
         assert_eq!(b.pos_grid(), 14);
         let l = preset("eva02-l14-336").unwrap();
-        assert_eq!((l.width, l.depth, l.mlp_hidden, l.embed_dim, l.pos_grid()), (1024, 24, 2730, 768, 24));
+        assert_eq!(
+            (l.width, l.depth, l.mlp_hidden, l.embed_dim, l.pos_grid()),
+            (1024, 24, 2730, 768, 24)
+        );
         let d = preset("dinov2-b14-reg").unwrap();
         assert_eq!((d.register_tokens, d.pos_grid()), (4, 37));
     }

@@ -20,7 +20,10 @@ pub enum ConfigSource {
     /// A TOML file on disk.
     File(PathBuf),
     /// Text compiled into the binary (the demo job), with a display name.
-    Embedded { name: &'static str, text: &'static str },
+    Embedded {
+        name: &'static str,
+        text: &'static str,
+    },
 }
 
 impl ConfigSource {
@@ -172,7 +175,9 @@ fn toml_to_config(value: toml::Value) -> config::Value {
         toml::Value::Float(f) => ValueKind::Float(f),
         toml::Value::Boolean(b) => ValueKind::Boolean(b),
         toml::Value::Datetime(d) => ValueKind::String(d.to_string()),
-        toml::Value::Array(items) => ValueKind::Array(items.into_iter().map(toml_to_config).collect()),
+        toml::Value::Array(items) => {
+            ValueKind::Array(items.into_iter().map(toml_to_config).collect())
+        }
         toml::Value::Table(table) => ValueKind::Table(
             table
                 .into_iter()

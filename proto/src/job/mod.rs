@@ -45,7 +45,11 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub(crate) fn new(key: impl Into<String>, value: impl Into<String>, allowed: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        key: impl Into<String>,
+        value: impl Into<String>,
+        allowed: impl Into<String>,
+    ) -> Self {
         Self {
             origin: String::new(),
             key: key.into(),
@@ -57,7 +61,11 @@ impl Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: key `{}` = {}: expected {}", self.origin, self.key, self.value, self.allowed)
+        write!(
+            f,
+            "{}: key `{}` = {}: expected {}",
+            self.origin, self.key, self.value, self.allowed
+        )
     }
 }
 
@@ -66,7 +74,11 @@ struct ProblemList<'a>(&'a [Problem]);
 impl fmt::Display for ProblemList<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        write!(f, "invalid job config ({n} problem{})", if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "invalid job config ({n} problem{})",
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in self.0 {
             write!(f, "\n  - {p}")?;
         }

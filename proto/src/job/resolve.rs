@@ -56,6 +56,13 @@ fn resolve_tower(section: &str, tower: &mut TowerSpec, problems: &mut Vec<Proble
     fill!(embed_dim, Some(0));
     fill!(register_tokens, Some(0));
     fill!(layer_scale, Some(tower.family == Some(Family::Dinov2)));
-    fill!(rope_ref_grid, Some(if tower.family == Some(Family::Eva02) { 16 } else { 0 }));
+    fill!(
+        rope_ref_grid,
+        Some(if tower.family == Some(Family::Eva02) {
+            16
+        } else {
+            0
+        })
+    );
     fill!(layer_norm_eps, Some(1e-6));
 }

@@ -30,7 +30,8 @@ struct Checks {
 impl Checks {
     fn require(&mut self, ok: bool, key: &str, value: impl ToString, allowed: impl Into<String>) {
         if !ok {
-            self.problems.push(Problem::new(key, value.to_string(), allowed));
+            self.problems
+                .push(Problem::new(key, value.to_string(), allowed));
         }
     }
     fn at_least(&mut self, key: &str, value: usize, min: usize) {
@@ -57,7 +58,12 @@ fn check_job(spec: &JobSpec, v: &mut Checks) {
         format!("{name:?}"),
         "1-40 characters of a-z, 0-9 and '-', not starting or ending with '-' (it names Kubernetes objects)",
     );
-    v.require(!spec.job.run_dir.trim().is_empty(), "job.run_dir", "\"\"", "a directory path");
+    v.require(
+        !spec.job.run_dir.trim().is_empty(),
+        "job.run_dir",
+        "\"\"",
+        "a directory path",
+    );
 }
 
 fn check_arch(section: &str, arch: &VitArch, v: &mut Checks) {
@@ -77,7 +83,10 @@ fn check_arch(section: &str, arch: &VitArch, v: &mut Checks) {
         arch.heads * arch.head_dim == arch.width,
         &key("head_dim"),
         arch.head_dim,
-        format!("heads x head_dim must equal width ({} x {} != {})", arch.heads, arch.head_dim, arch.width),
+        format!(
+            "heads x head_dim must equal width ({} x {} != {})",
+            arch.heads, arch.head_dim, arch.width
+        ),
     );
     if arch.patch_size > 0 {
         v.require(
@@ -96,7 +105,13 @@ fn check_arch(section: &str, arch: &VitArch, v: &mut Checks) {
         );
         v.at_least(&key("rope_ref_grid"), arch.rope_ref_grid, 1);
     }
-    v.finite_in(&key("layer_norm_eps"), arch.layer_norm_eps, 1e-12, 1e-2, "a number in [1e-12, 1e-2]");
+    v.finite_in(
+        &key("layer_norm_eps"),
+        arch.layer_norm_eps,
+        1e-12,
+        1e-2,
+        "a number in [1e-12, 1e-2]",
+    );
 }
 
 fn check_roles(spec: &JobSpec, student: &VitArch, vfm: &VitArch, v: &mut Checks) {
@@ -132,12 +147,38 @@ fn check_data(spec: &JobSpec, student: &VitArch, vfm: &VitArch, v: &mut Checks) 
     let d = &spec.data;
     let multiple = |v: &mut Checks, key: &str, side: usize, patch: usize, tower: &str| {
         let ok = patch > 0 && side >= patch && side % patch == 0;
-        v.require(ok, key, side, format!("a positive multiple of the {tower} patch size {patch}"));
+        v.require(
+            ok,
+            key,
+            side,
+            format!("a positive multiple of the {tower} patch size {patch}"),
+        );
     };
-    multiple(v, "data.student_resolution", d.student_resolution, student.patch_size, "student");
-    multiple(v, "data.vfm_resolution", d.vfm_resolution, vfm.patch_size, "VFM");
-    multiple(v, "data.crop_resolution", d.crop_resolution, student.patch_size, "crop teacher (student)");
-    if student.patch_size > 0 && vfm.patch_size > 0 && spec.loss.context_resize == ContextResize::None {
+    multiple(
+        v,
+        "data.student_resolution",
+        d.student_resolution,
+        student.patch_size,
+        "student",
+    );
+    multiple(
+        v,
+        "data.vfm_resolution",
+        d.vfm_resolution,
+        vfm.patch_size,
+        "VFM",
+    );
+    multiple(
+        v,
+        "data.crop_resolution",
+        d.crop_resolution,
+        student.patch_size,
+        "crop teacher (student)",
+    );
+    if student.patch_size > 0
+        && vfm.patch_size > 0
+        && spec.loss.context_resize == ContextResize::None
+    {
         let sg = d.student_resolution / student.patch_size;
         let vg = d.vfm_resolution / vfm.patch_size;
         v.require(
@@ -161,9 +202,20 @@ fn check_data(spec: &JobSpec, student: &VitArch, vfm: &VitArch, v: &mut Checks) 
         "an integer in 1..=36 (a 6x6 layout has 36 cells)",
     );
     v.at_least("data.shard_size", d.shard_size, 1);
-    v.require((1..=256).contains(&d.loader_threads), "data.loader_threads", d.loader_threads, "an integer in 1..=256");
+    v.require(
+        (1..=256).contains(&d.loader_threads),
+        "data.loader_threads",
+        d.loader_threads,
+        "an integer in 1..=256",
+    );
     v.at_least("data.prefetch", d.prefetch, 1);
-    v.finite_in("data.max_skip_fraction", d.max_skip_fraction, 0.0, 1.0, "a fraction in [0, 1]");
+    v.finite_in(
+        "data.max_skip_fraction",
+        d.max_skip_fraction,
+        0.0,
+        1.0,
+        "a fraction in [0, 1]",
+    );
     match d.source {
         DataSource::Coco => v.require(
             d.coco_root.as_deref().is_some_and(|r| !r.trim().is_empty()),
@@ -182,7 +234,12 @@ fn check_train(spec: &JobSpec, v: &mut Checks) {
     if let Some(micro) = t.micro_batch_size {
         v.at_least("train.micro_batch_size", micro, 1);
     }
-    v.require(t.lr.is_finite() && t.lr > 0.0, "train.lr", t.lr, "a positive number");
+    v.require(
+        t.lr.is_finite() && t.lr > 0.0,
+        "train.lr",
+        t.lr,
+        "a positive number",
+    );
     for (i, beta) in t.betas.iter().enumerate() {
         v.require(
             beta.is_finite() && (0.0..1.0).contains(beta),
@@ -191,12 +248,40 @@ fn check_train(spec: &JobSpec, v: &mut Checks) {
             format!("two numbers in [0, 1) (element {i} is {beta})"),
         );
     }
-    v.require(t.eps.is_finite() && t.eps > 0.0, "train.eps", t.eps, "a positive number");
-    v.finite_in("train.weight_decay", t.weight_decay, 0.0, 10.0, "a number in [0, 10]");
-    v.require(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1");
+    v.require(
+        t.eps.is_finite() && t.eps > 0.0,
+        "train.eps",
+        t.eps,
+        "a positive number",
+    );
+    v.finite_in(
+        "train.weight_decay",
+        t.weight_decay,
+        0.0,
+        10.0,
+        "a number in [0, 10]",
+    );
+    v.require(
+        t.log_every >= 1,
+        "train.log_every",
+        t.log_every,
+        "an integer >= 1",
+    );
     let l = &spec.loss;
-    v.finite_in("loss.content_weight", l.content_weight, 0.0, 1e6, "a number >= 0");
-    v.finite_in("loss.context_weight", l.context_weight, 0.0, 1e6, "a number >= 0");
+    v.finite_in(
+        "loss.content_weight",
+        l.content_weight,
+        0.0,
+        1e6,
+        "a number >= 0",
+    );
+    v.finite_in(
+        "loss.context_weight",
+        l.context_weight,
+        0.0,
+        1e6,
+        "a number >= 0",
+    );
     v.require(
         l.content_weight > 0.0 || l.context_weight > 0.0,
         "loss.content_weight",
@@ -204,14 +289,28 @@ fn check_train(spec: &JobSpec, v: &mut Checks) {
         "at least one of loss.content_weight and loss.context_weight above 0",
     );
     v.at_least("checkpoint.keep", spec.checkpoint.keep, 1);
-    v.finite_in("export.alpha", spec.export.alpha, 0.0, 1.0, "a number in [0, 1]");
+    v.finite_in(
+        "export.alpha",
+        spec.export.alpha,
+        0.0,
+        1.0,
+        "a number in [0, 1]",
+    );
 }
 
 fn check_world(spec: &JobSpec, v: &mut Checks) {
     let tr = &spec.trainers;
     v.at_least("trainers.min", tr.min, 1);
-    v.require(tr.min <= tr.max, "trainers.min", tr.min, format!("at most trainers.max = {}", tr.max));
-    for (key, device) in [("trainers.device", &tr.device), ("teachers.device", &spec.teachers.device)] {
+    v.require(
+        tr.min <= tr.max,
+        "trainers.min",
+        tr.min,
+        format!("at most trainers.max = {}", tr.max),
+    );
+    for (key, device) in [
+        ("trainers.device", &tr.device),
+        ("teachers.device", &spec.teachers.device),
+    ] {
         v.require(
             parse_device(device).is_some(),
             key,
@@ -268,6 +367,10 @@ pub fn parse_device(text: &str) -> Option<DeviceRequest> {
         "auto" => Some(DeviceRequest::Auto),
         "cpu" => Some(DeviceRequest::Cpu),
         "cuda" => Some(DeviceRequest::Cuda(0)),
-        other => other.strip_prefix("cuda:")?.parse().ok().map(DeviceRequest::Cuda),
+        other => other
+            .strip_prefix("cuda:")?
+            .parse()
+            .ok()
+            .map(DeviceRequest::Cuda),
     }
 }

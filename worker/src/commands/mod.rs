@@ -1,0 +1,4 @@
+//! The binary's subcommands that are more than a few lines: glue between the
+//! command line, the job config and the library (errors with context via anyhow).
+
+pub mod inspect;

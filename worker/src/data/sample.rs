@@ -1,0 +1,145 @@
+//! One training sample, prepared exactly as the method spec §2–3 says: the
+//! student and VFM letterboxes, and the crop plan of (seed, epoch, image id):
+//! RoI boxes on the student's feature grid and the teacher's crops.
+//!
+//! The crop plan and the box mappings come from `proto::plan::crops`, so a
+//! teacher pool and a trainer derive the same boxes.
+
+use proto::plan::crops::{CanvasMap, CropError, CropPlan};
+use tch::Tensor;
+
+use super::image::{self, ImageError, Normalization, Placement, RgbImage};
+use super::tensor::batch;
+use crate::distill::roi_align::RoiBox;
+
+/// Input sizes of one job (pixels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resolutions {
+    pub student: u32,
+    /// Side of the student's patch grid (`student / patch`).
+    pub student_grid: u32,
+    pub vfm: u32,
+    pub crop: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error("image {image_id}: {source}")]
+    Image { image_id: u64, source: ImageError },
+    #[error("image {image_id}: {source}")]
+    Crop { image_id: u64, source: CropError },
+    #[error("cannot assemble a batch: {0}")]
+    Batch(String),
+}
+
+/// A prepared image: model inputs and its crops.
+#[derive(Debug)]
+pub struct Sample {
+    pub image_id: u64,
+    /// [3,S,S] CLIP-normalised.
+    pub student_input: Tensor,
+    /// [3,V,V] ImageNet-normalised.
+    pub vfm_input: Tensor,
+    /// RoI boxes on the student grid (patch units), `batch` left 0.
+    pub grid_boxes: Vec<RoiBox>,
+    /// [K,3,c,c] CLIP-normalised centred crops, one per grid box.
+    pub crop_inputs: Tensor,
+}
+
+/// Prepares `img` (COCO id `image_id`) for `epoch` under `plan`.
+pub fn prepare(
+    img: &RgbImage,
+    image_id: u64,
+    epoch: u32,
+    plan: &CropPlan,
+    res: Resolutions,
+) -> Result<Sample, SampleError> {
+    let image_err = |source| SampleError::Image { image_id, source };
+    let crop_err = |source| SampleError::Crop { image_id, source };
+    let student = image::letterbox(img, res.student, Placement::TopLeft).map_err(image_err)?;
+    let vfm = image::letterbox(img, res.vfm, Placement::TopLeft).map_err(image_err)?;
+    let crops = plan
+        .draw(epoch, image_id, img.width, img.height)
+        .map_err(crop_err)?;
+    let map =
+        CanvasMap::new(img.width, img.height, res.student, res.student_grid).map_err(crop_err)?;
+    let mut grid_boxes = Vec::with_capacity(crops.crops.len());
+    let mut crop_inputs = Vec::with_capacity(crops.crops.len());
+    for crop in &crops.crops {
+        let g = map.grid_box(crop.bbox);
+        grid_boxes.push(RoiBox {
+            batch: 0,
+            x0: g.x0 as f32,
+            y0: g.y0 as f32,
+            x1: g.x1 as f32,
+            y1: g.y1 as f32,
+        });
+        let px = crop
+            .bbox
+            .pixel_box(img.width, img.height)
+            .map_err(crop_err)?;
+        let cut =
+            image::crop(img, [px.x0, px.y0, px.x1, px.y1].map(i64::from)).map_err(image_err)?;
+        let boxed = image::letterbox(&cut, res.crop, Placement::Centred).map_err(image_err)?;
+        crop_inputs.push(boxed.to_input_tensor(&Normalization::CLIP));
+    }
+    Ok(Sample {
+        image_id,
+        student_input: student.to_input_tensor(&Normalization::CLIP),
+        vfm_input: vfm.to_input_tensor(&Normalization::IMAGENET),
+        grid_boxes,
+        crop_inputs: batch(&crop_inputs).map_err(|e| SampleError::Batch(e.to_string()))?,
+    })
+}
+
+/// A batch of prepared samples (CPU tensors).
+#[derive(Debug)]
+pub struct Batch {
+    pub image_ids: Vec<u64>,
+    /// [B,3,S,S]
+    pub student_inputs: Tensor,
+    /// [B,3,V,V]
+    pub vfm_inputs: Tensor,
+    /// All crops in image-then-box order; `batch` is the image's index in this batch.
+    pub rois: Vec<RoiBox>,
+    /// [K,3,c,c], same order as `rois`.
+    pub crop_inputs: Tensor,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.image_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.image_ids.is_empty()
+    }
+}
+
+/// Stacks samples into a batch.
+pub fn collate(samples: Vec<Sample>) -> Result<Batch, SampleError> {
+    let err = |e: super::tensor::TensorError| SampleError::Batch(e.to_string());
+    let mut rois = Vec::new();
+    for (index, s) in samples.iter().enumerate() {
+        rois.extend(s.grid_boxes.iter().map(|b| RoiBox { batch: index, ..*b }));
+    }
+    let student: Vec<Tensor> = samples
+        .iter()
+        .map(|s| s.student_input.shallow_clone())
+        .collect();
+    let vfm: Vec<Tensor> = samples
+        .iter()
+        .map(|s| s.vfm_input.shallow_clone())
+        .collect();
+    let crops: Vec<Tensor> = samples
+        .iter()
+        .map(|s| s.crop_inputs.shallow_clone())
+        .collect();
+    Ok(Batch {
+        image_ids: samples.iter().map(|s| s.image_id).collect(),
+        student_inputs: batch(&student).map_err(err)?,
+        vfm_inputs: batch(&vfm).map_err(err)?,
+        rois,
+        crop_inputs: Tensor::f_cat(&crops, 0).map_err(|e| SampleError::Batch(e.to_string()))?,
+    })
+}

@@ -1,0 +1,48 @@
+//! RoIAlign against `torchvision.ops.roi_align(aligned=True, sampling_ratio=-1,
+//! output_size=1)`: values and gradients, on boxes inside, on the border, partly
+//! and fully outside, sub-pixel and empty (fixture from tools/reference).
+
+mod common;
+
+use common::{assert_close, Fixture};
+use tch::{Kind, Tensor};
+use worker::distill::roi_align::{roi_align, RoiBox};
+
+fn boxes_of(t: &Tensor) -> Vec<RoiBox> {
+    let rows = t.size()[0];
+    (0..rows)
+        .map(|k| {
+            let v = |j: i64| t.double_value(&[k, j]) as f32;
+            RoiBox {
+                batch: v(0) as usize,
+                x0: v(1),
+                y0: v(2),
+                x1: v(3),
+                y1: v(4),
+            }
+        })
+        .collect()
+}
+
+fn check(fx: &Fixture, prefix: &str, scale: f32) {
+    let map = fx.get(&format!("{prefix}map")).set_requires_grad(true);
+    let boxes = boxes_of(&fx.get(&format!("{prefix}boxes")));
+    let out = roi_align(&map, &boxes, scale);
+    let expected = fx.get(&format!("{prefix}out")).flatten(1, 3);
+    assert_close(&format!("{prefix}out"), &out, &expected, 1e-5);
+    let upstream = fx.get(&format!("{prefix}upstream")).flatten(1, 3);
+    (&out * upstream).sum(Kind::Float).backward();
+    assert_close(
+        &format!("{prefix}grad_map"),
+        &map.grad(),
+        &fx.get(&format!("{prefix}grad_map")),
+        1e-5,
+    );
+}
+
+#[test]
+fn values_and_gradients_match_torchvision_at_scale_1_and_a_quarter() {
+    let fx = Fixture::open("roi_align");
+    check(&fx, "", 1.0);
+    check(&fx, "s025.", 0.25);
+}
