@@ -16,4 +16,17 @@ fn main() {
     println!("cargo:rerun-if-changed={}", version_file.display());
     let version = std::fs::read_to_string(&version_file).unwrap_or_else(|_| "unknown".into());
     println!("cargo:rustc-env=DECLIP_LIBTORCH_VERSION={}", version.trim());
+
+    // The autocast-dtype shim (see csrc/autocast.cpp), against the same headers.
+    println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    let include = libtorch.join("include");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/autocast.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("declip_autocast");
 }

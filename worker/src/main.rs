@@ -31,6 +31,33 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Train the job's student. With --standalone, in this process alone (one trainer,
+    /// the whole global batch, teachers run online); resumes from the newest valid
+    /// checkpoint under job.run_dir/checkpoints.
+    Train {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Train without a coordinator (required for now: training under a
+        /// coordinator arrives with the data-parallel trainers).
+        #[arg(long)]
+        standalone: bool,
+        /// `auto`, `cpu`, `cuda` or `cuda:N`; default: trainers.device of the config.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Write `alpha * student + (1 - alpha) * original` of a checkpoint as safetensors in
+    /// the original key layout (EVA-CLIP / open_clip), loadable by `inspect`.
+    Export {
+        /// A checkpoint directory (job.run_dir/checkpoints/step-NNNNNNNN).
+        #[arg(long, value_name = "DIR")]
+        checkpoint: PathBuf,
+        /// Merge weight of the trained student; default: export.alpha of its job.
+        #[arg(long)]
+        alpha: Option<f64>,
+        /// Output safetensors file (written atomically).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Run the job's preprocessing and models on a few images and write every
     /// intermediate tensor (float32) to a safetensors file: student_input, content_map,
     /// context, vfm_input, vfm_features, affinity_teacher, affinity_student; with --boxes
@@ -85,6 +112,38 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
             println!("device: {selected:?}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Train {
+            config,
+            standalone,
+            device,
+        } => {
+            let job = match config.load() {
+                Ok(loaded) => loaded.spec,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            anyhow::ensure!(
+                standalone,
+                "worker train runs with --standalone for now (training under a coordinator is not built yet)"
+            );
+            let device = select(device.as_deref().unwrap_or(&job.trainers.device), info)?;
+            let summary = worker::train::run::run_standalone(&job, device)?;
+            print_summary(&summary);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export {
+            checkpoint,
+            alpha,
+            out,
+        } => {
+            println!(
+                "{}",
+                commands::export::export_checkpoint(&checkpoint, alpha, &out)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect {
             config,
             student_weights,
@@ -121,6 +180,33 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn print_summary(s: &worker::train::run::RunSummary) {
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    let n = s.losses.len().min(20);
+    println!(
+        "steps run      {} (now at step {})",
+        s.steps_run, s.final_step
+    );
+    println!("images         {}", s.images);
+    println!("wall time      {:.1} s", s.wall.as_secs_f64());
+    if n > 0 {
+        println!("loss first {n:>2}  {:.4}", mean(&s.losses[..n]));
+        println!(
+            "loss last {n:>2}   {:.4}",
+            mean(&s.losses[s.losses.len() - n..])
+        );
+    }
+    if let Some(dir) = &s.resumed_from {
+        println!("resumed from   {}", dir.display());
+    }
+    if let Some(dir) = &s.checkpoint {
+        println!("checkpoint     {}", dir.display());
+    }
+    for path in &s.exports {
+        println!("export         {}", path.display());
     }
 }
 

@@ -203,3 +203,126 @@ fn bad_boxes_and_bad_configs_are_refused_with_their_names() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("data.student_resolution"));
     assert!(!out.exists());
 }
+
+#[test]
+fn inspect_losses_equal_the_training_steps_on_the_same_inputs() {
+    // The train-step fixture's job: student 224, VFM 196, crops 224, 11 crop boxes.
+    let fx = Fixture::open("train_step");
+    let original: Vec<f64> = Vec::try_from(&fx.get("boxes.original").flatten(0, 1)).unwrap();
+    let boxes: Vec<[f64; 4]> = original
+        .chunks(4)
+        .map(|c| [c[0], c[1], c[2], c[3]])
+        .collect();
+    let per_image = [&boxes[..6], &boxes[6..]];
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        JOB.replace("student_resolution = 320", "student_resolution = 224")
+            .replace("vfm_resolution = 280", "vfm_resolution = 196"),
+    )
+    .unwrap();
+    let boxes_json = dir.path().join("boxes.json");
+    std::fs::write(&boxes_json, serde_json::to_string(&per_image).unwrap()).unwrap();
+    let out = dir.path().join("losses.safetensors");
+    let output = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args([
+            "inspect",
+            "--device",
+            "cpu",
+            "--config",
+            job.to_str().unwrap(),
+        ])
+        .arg("--student-weights")
+        .arg(fixture_path("reference/eva_tiny.evaclip.safetensors"))
+        .arg("--vfm-weights")
+        .arg(fixture_path("reference/dinov2_tiny.meta.safetensors"))
+        .arg("--image")
+        .arg(fixture_path("images/chelsea.png"))
+        .arg("--image")
+        .arg(fixture_path("images/coffee.png"))
+        .args([
+            "--boxes",
+            boxes_json.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&out)
+        .unwrap()
+        .into_iter()
+        .collect();
+
+    // The trainer's step on the fixture's (PyTorch-made) inputs.
+    let sets = [
+        format!(
+            "model.student.weights={:?}",
+            fixture_path("reference/eva_tiny.evaclip.safetensors")
+                .display()
+                .to_string()
+        ),
+        format!(
+            "model.vfm.weights={:?}",
+            fixture_path("reference/dinov2_tiny.meta.safetensors")
+                .display()
+                .to_string()
+        ),
+    ];
+    let text: &'static str = Box::leak(std::fs::read_to_string(&job).unwrap().into_boxed_str());
+    let spec = proto::job::load(
+        &proto::job::ConfigSource::Embedded {
+            name: "inspect-job",
+            text,
+        },
+        Vec::new(),
+        &sets,
+    )
+    .unwrap()
+    .spec;
+    let mut trainer = worker::train::trainer::Trainer::new(&spec, tch::Device::Cpu, 6).unwrap();
+    let grid = fx.get("boxes.grid");
+    let rois = (0..grid.size()[0])
+        .map(|k| {
+            let v = |j: i64| grid.double_value(&[k, j]) as f32;
+            worker::distill::roi_align::RoiBox {
+                batch: v(0) as usize,
+                x0: v(1),
+                y0: v(2),
+                x1: v(3),
+                y1: v(4),
+            }
+        })
+        .collect();
+    use worker::data::{image::Normalization as N, tensor::normalize_u8};
+    let batch = worker::data::sample::Batch {
+        image_ids: vec![1, 2],
+        student_inputs: normalize_u8(&fx.get("in.student.u8"), &N::CLIP),
+        vfm_inputs: normalize_u8(&fx.get("in.vfm.u8"), &N::IMAGENET),
+        rois,
+        crop_inputs: normalize_u8(&fx.get("in.crops.u8"), &N::CLIP),
+    };
+    let targets = trainer.online_targets(&batch).unwrap();
+    let counts = worker::train::trainer::GlobalCounts {
+        crops: 11,
+        rows: 2 * 196,
+    };
+    let (content, context) = trainer.accumulate(&batch, &targets, counts).unwrap();
+    for (name, step_value) in [
+        ("loss_content", content),
+        ("loss_context", context),
+        ("loss_total", content + 0.1 * context),
+    ] {
+        let inspected = tensors[name].double_value(&[]);
+        eprintln!("{name}: inspect {inspected:.8}, training step {step_value:.8}");
+        assert!(
+            (inspected - step_value).abs() <= 1e-6 * step_value.abs(),
+            "{name}: {inspected} vs {step_value}"
+        );
+    }
+}

@@ -1,4 +1,5 @@
 //! The binary's subcommands that are more than a few lines: glue between the
 //! command line, the job config and the library (errors with context via anyhow).
 
+pub mod export;
 pub mod inspect;

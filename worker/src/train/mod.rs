@@ -4,4 +4,6 @@ pub mod checkpoint;
 pub mod export;
 pub mod optimizer;
 pub mod params;
+pub mod precision;
+pub mod run;
 pub mod trainer;

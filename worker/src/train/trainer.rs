@@ -5,13 +5,14 @@
 //! batch and the *global* item counts, so each loss term is a mean over the global
 //! batch however it is split (accumulation now, data parallelism later).
 
-use proto::job::{JobSpec, Precision};
+use proto::job::JobSpec;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::checkpoint::CheckpointState;
 use super::export::{self, ExportError};
 use super::optimizer::{AdamW, AdamWConfig, WarmupCosine};
 use super::params::{ParamRole, TrainableSplit};
+use super::precision::{LossScaler, Mode};
 use crate::data::sample::Batch;
 use crate::distill::losses::LossWeights;
 use crate::distill::step::{self, OnlineTeachers, StepConfig, Targets};
@@ -67,7 +68,9 @@ pub struct Trainer {
     pub schedule: WarmupCosine,
     step_cfg: StepConfig,
     weights: LossWeights,
-    autocast: bool,
+    precision: Mode,
+    /// Loss scaling for fp16 autocast.
+    scaler: Option<LossScaler>,
     pub sources: (WeightsSource, WeightsSource),
 }
 
@@ -103,26 +106,7 @@ impl Trainer {
             trained.len()
         );
         let train = &spec.train;
-        let autocast =
-            match (train.precision, device) {
-                (Precision::Auto, Device::Cuda(_)) | (Precision::Bf16, Device::Cuda(_)) => true,
-                (Precision::Auto | Precision::Fp32, _) => false,
-                (Precision::Bf16 | Precision::Fp16, Device::Cpu) => {
-                    return Err(TrainError::Precision(format!(
-                        "train.precision = {:?} needs a GPU; use fp32 or auto on CPU",
-                        train.precision
-                    )))
-                }
-                (Precision::Fp16, _) => return Err(TrainError::Precision(
-                    "train.precision = fp16 (with a loss scaler) is not implemented yet; use bf16"
-                        .into(),
-                )),
-                (_, other) => {
-                    return Err(TrainError::Precision(format!(
-                        "unsupported device {other:?}"
-                    )))
-                }
-            };
+        let precision = Mode::resolve(train.precision, device).map_err(TrainError::Precision)?;
         Ok(Self {
             device,
             student_vs,
@@ -153,7 +137,8 @@ impl Trainer {
                 content: spec.loss.content_weight,
                 context: spec.loss.context_weight,
             },
-            autocast,
+            precision,
+            scaler: (precision == Mode::Fp16).then(LossScaler::default),
             sources: (student_source, vfm_source),
         })
     }
@@ -184,13 +169,16 @@ impl Trainer {
         counts: GlobalCounts,
     ) -> Result<(f64, f64), TrainError> {
         let inputs = batch.student_inputs.to_device(self.device);
-        let outputs = tch::autocast(self.autocast, || {
-            step::forward(&self.student, self.step_cfg, &inputs, &batch.rois, targets)
-        })?;
+        let outputs = self
+            .precision
+            .run(|| step::forward(&self.student, self.step_cfg, &inputs, &batch.rois, targets))?;
         let content = &outputs.terms.content.sum / counts.crops.max(1) as f64;
         let context = &outputs.terms.context.sum / counts.rows.max(1) as f64;
         let loss = &content * self.weights.content + &context * self.weights.context;
-        loss.to_kind(Kind::Float).backward();
+        match &self.scaler {
+            Some(scaler) => scaler.scale_loss(&loss).backward(),
+            None => loss.to_kind(Kind::Float).backward(),
+        }
         Ok((content.double_value(&[]), context.double_value(&[])))
     }
 
@@ -217,7 +205,26 @@ impl Trainer {
             });
         }
         let lr = self.schedule.lr(step);
-        self.optimizer.step(lr);
+        let mut applied = true;
+        if let Some(scaler) = &mut self.scaler {
+            let mut grads: Vec<Tensor> = self
+                .optimizer
+                .params
+                .iter()
+                .map(|p| p.param.grad())
+                .collect();
+            applied = scaler.unscale(&mut grads);
+            scaler.update(applied);
+            if !applied {
+                tracing::warn!(
+                    "step {step}: fp16 gradients overflowed; update skipped, loss scale now {}",
+                    scaler.scale
+                );
+            }
+        }
+        if applied {
+            self.optimizer.step(lr);
+        }
         Ok(StepReport {
             content,
             context,
