@@ -42,7 +42,7 @@ pub enum RunError {
 /// Where the images come from.
 pub trait ImageSource {
     /// Number of images in the index.
-    fn len(&self) -> u32;
+    fn image_count(&self) -> u32;
     /// The image at index position `index`: its dataset id and pixels.
     fn image(&self, index: u32) -> Result<(u64, RgbImage), SampleError>;
 }
@@ -54,7 +54,7 @@ pub struct SyntheticSource {
 }
 
 impl ImageSource for SyntheticSource {
-    fn len(&self) -> u32 {
+    fn image_count(&self) -> u32 {
         self.images
     }
     fn image(&self, index: u32) -> Result<(u64, RgbImage), SampleError> {
@@ -100,7 +100,7 @@ pub fn run(
     let run_dir = PathBuf::from(&spec.job.run_dir);
     let ckpt_root = run_dir.join("checkpoints");
     let batch_size = spec.train.batch_size;
-    let order = OrderPlan::new(spec.job.seed, source.len(), batch_size)?;
+    let order = OrderPlan::new(spec.job.seed, source.image_count(), batch_size)?;
     let steps_per_epoch = order.steps_per_epoch();
     let mut total = spec.train.epochs as u64 * steps_per_epoch;
     if spec.train.max_steps > 0 {
@@ -143,7 +143,7 @@ pub fn run(
     let rows_per_image = trainer.rows_per_image(spec.data.vfm_resolution);
     tracing::info!(
         "training {total} steps ({steps_per_epoch} per epoch, {} images, global batch {batch_size}, micro-batch {micro}) on {device:?}",
-        source.len()
+        source.image_count()
     );
 
     let mut summary = RunSummary {
