@@ -4,6 +4,8 @@
 //! process (so each peak-RSS figure belongs to one model) and prints one JSON line
 //! per case. `bench/model-forward.sh` runs this and the PyTorch baseline together.
 
+mod common;
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -78,16 +80,6 @@ fn run_case(name: &str) {
         tch::get_num_threads(),
         times[RUNS / 2],
         times[0],
-        peak_rss_mib()
+        common::peak_rss_mib()
     );
-}
-
-/// VmHWM of this process (peak resident set), MiB.
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }

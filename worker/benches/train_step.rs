@@ -5,6 +5,8 @@
 //! over the measured steps and its parts (data preparation, teachers, student
 //! forward + backward + AdamW).
 
+mod common;
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -15,39 +17,65 @@ use worker::data::sample::{self, Resolutions};
 use worker::data::synthetic;
 use worker::train::trainer::{GlobalCounts, Trainer};
 
-const CASES: &[(&str, usize, usize)] = &[("tiny", 1, 5), ("tiny", 4, 5), ("b16-560", 1, 3), ("b16-560", 4, 3)];
+const CASES: &[(&str, usize, usize)] = &[
+    ("tiny", 1, 5),
+    ("tiny", 4, 5),
+    ("b16-560", 1, 3),
+    ("b16-560", 4, 3),
+];
 
 fn main() {
     worker::runtime::init();
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--case") {
         let (name, batch): (&str, usize) = (&args[i + 1], args[i + 2].parse().expect("batch"));
-        let runs = CASES.iter().find(|c| c.0 == name && c.1 == batch).expect("known case").2;
+        let runs = CASES
+            .iter()
+            .find(|c| c.0 == name && c.1 == batch)
+            .expect("known case")
+            .2;
         run_case(name, batch, runs);
         return;
     }
     let exe = std::env::current_exe().expect("bench executable");
     for (name, batch, _) in CASES {
-        let out = Command::new(&exe).args(["--case", name, &batch.to_string()]).output().expect("run case");
+        let out = Command::new(&exe)
+            .args(["--case", name, &batch.to_string()])
+            .output()
+            .expect("run case");
         print!("{}", String::from_utf8_lossy(&out.stdout));
         if !out.status.success() {
-            eprintln!("{name} x{batch} failed: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "{name} x{batch} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }
 
 fn spec(name: &str, batch: usize) -> job::JobSpec {
     let sets = |extra: &[&str]| -> Vec<String> {
-        let mut v = vec![format!("train.batch_size={batch}"), "trainers.min=1".into(), "trainers.max=1".into()];
+        let mut v = vec![
+            format!("train.batch_size={batch}"),
+            "trainers.min=1".into(),
+            "trainers.max=1".into(),
+        ];
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
     match name {
-        "tiny" => job::load(&job::DEMO_CONFIG, Vec::new(), &sets(&[])).expect("demo").spec,
+        "tiny" => {
+            job::load(&job::DEMO_CONFIG, Vec::new(), &sets(&[]))
+                .expect("demo")
+                .spec
+        }
         _ => {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/eva02-b16-coco.toml");
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../configs/eva02-b16-coco.toml");
             let extra = ["data.coco_root=\"/unused\"", "train.precision=\"fp32\""];
-            job::load(&ConfigSource::File(path), Vec::new(), &sets(&extra)).expect("b16").spec
+            job::load(&ConfigSource::File(path), Vec::new(), &sets(&extra))
+                .expect("b16")
+                .spec
         }
     }
 }
@@ -61,7 +89,10 @@ fn run_case(name: &str, batch: usize, runs: usize) {
         vfm: spec.data.vfm_resolution as u32,
         crop: spec.data.crop_resolution as u32,
     };
-    let plan = CropPlan { seed: 0, max_crops: spec.data.max_crops };
+    let plan = CropPlan {
+        seed: 0,
+        max_crops: spec.data.max_crops,
+    };
     let rows = trainer.rows_per_image(spec.data.vfm_resolution);
     let mut timings = Vec::new();
     let mut crops = 0;
@@ -82,7 +113,9 @@ fn run_case(name: &str, batch: usize, runs: usize) {
         let t1 = Instant::now();
         let targets = trainer.online_targets(&b).expect("targets");
         let t2 = Instant::now();
-        trainer.train_step(step, &[(b, targets)], counts).expect("step");
+        trainer
+            .train_step(step, &[(b, targets)], counts)
+            .expect("step");
         let t3 = Instant::now();
         if step > 0 {
             // step 0 warms up allocator and caches
@@ -96,15 +129,6 @@ fn run_case(name: &str, batch: usize, runs: usize) {
         "{{\"case\": \"{name}\", \"batch\": {batch}, \"threads\": {}, \"steps_measured\": {runs}, \"median_step_s\": {total:.3}, \"data_s\": {data:.3}, \"teachers_s\": {teachers:.3}, \"student_fwd_bwd_opt_s\": {student:.3}, \"crops_per_image\": {:.1}, \"peak_rss_mib\": {:.0}}}",
         tch::get_num_threads(),
         crops as f64 / ((runs + 1) * batch) as f64,
-        peak_rss_mib()
+        common::peak_rss_mib()
     );
-}
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }

@@ -8,52 +8,28 @@ use std::process::Command;
 use common::{assert_close, fixture_path, Fixture};
 use tch::Tensor;
 
-const JOB: &str = r#"
-[job]
-name = "inspect-test"
-
-[model.student]
-family = "eva02"
-width = 64
-depth = 3
-heads = 4
-head_dim = 16
-mlp_hidden = 170
-patch_size = 16
-image_size = 224
-embed_dim = 32
-rope_ref_grid = 16
-
-[model.vfm]
-family = "dinov2"
-width = 48
-depth = 3
-heads = 3
-head_dim = 16
-mlp_hidden = 192
-patch_size = 14
-image_size = 518
-register_tokens = 4
-layer_scale = true
-
-[data]
-student_resolution = 320   # 20 x 20, as the EVA fixture at 320
-vfm_resolution = 280       # 20 x 20, as the DINOv2 fixture at 280
-crop_resolution = 224
-"#;
-
 const BOXES: &str = "[[[0, 0, 451, 300], [10.5, 20.25, 200, 150], [300, 100, 451, 300]],
                       [[0, 0, 600, 400], [100, 50, 160, 90.5], [599, 399, 600, 400]]]";
 
 fn run_inspect(dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
-    let job = dir.join("job.toml");
-    std::fs::write(&job, JOB).unwrap();
     let boxes = dir.join("boxes.json");
     std::fs::write(&boxes, BOXES).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_worker"))
-        .arg("inspect")
+    // 320 and 280: 20 x 20 grids, as the EVA fixture at 320 and the DINOv2 fixture at 280.
+    inspect_command(dir, &common::tiny_job_toml(320, 280), &boxes)
+        .args(extra)
+        .output()
+        .expect("run worker inspect")
+}
+
+/// `worker inspect` of chelsea and coffee with the fixtures' tiny EVA (EVA-CLIP
+/// layout) and DINOv2 (Meta layout) weights, under `job` (written into `dir`).
+fn inspect_command(dir: &std::path::Path, job: &str, boxes: &std::path::Path) -> Command {
+    let job_path = dir.join("job.toml");
+    std::fs::write(&job_path, job).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));
+    cmd.arg("inspect")
         .arg("--config")
-        .arg(&job)
+        .arg(&job_path)
         .arg("--student-weights")
         .arg(fixture_path("reference/eva_tiny.evaclip.safetensors"))
         .arg("--vfm-weights")
@@ -62,10 +38,8 @@ fn run_inspect(dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
         .arg(fixture_path("images/chelsea.png"))
         .arg("--image")
         .arg(fixture_path("images/coffee.png"))
-        .args(["--boxes", boxes.to_str().unwrap(), "--device", "cpu"])
-        .args(extra)
-        .output()
-        .expect("run worker inspect")
+        .args(["--boxes", boxes.to_str().unwrap(), "--device", "cpu"]);
+    cmd
 }
 
 #[test]
@@ -215,38 +189,11 @@ fn inspect_losses_equal_the_training_steps_on_the_same_inputs() {
         .collect();
     let per_image = [&boxes[..6], &boxes[6..]];
     let dir = tempfile::tempdir().unwrap();
-    let job = dir.path().join("job.toml");
-    std::fs::write(
-        &job,
-        JOB.replace("student_resolution = 320", "student_resolution = 224")
-            .replace("vfm_resolution = 280", "vfm_resolution = 196"),
-    )
-    .unwrap();
     let boxes_json = dir.path().join("boxes.json");
     std::fs::write(&boxes_json, serde_json::to_string(&per_image).unwrap()).unwrap();
     let out = dir.path().join("losses.safetensors");
-    let output = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args([
-            "inspect",
-            "--device",
-            "cpu",
-            "--config",
-            job.to_str().unwrap(),
-        ])
-        .arg("--student-weights")
-        .arg(fixture_path("reference/eva_tiny.evaclip.safetensors"))
-        .arg("--vfm-weights")
-        .arg(fixture_path("reference/dinov2_tiny.meta.safetensors"))
-        .arg("--image")
-        .arg(fixture_path("images/chelsea.png"))
-        .arg("--image")
-        .arg(fixture_path("images/coffee.png"))
-        .args([
-            "--boxes",
-            boxes_json.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
+    let output = inspect_command(dir.path(), &common::tiny_job_toml(224, 196), &boxes_json)
+        .args(["--out", out.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
@@ -260,53 +207,9 @@ fn inspect_losses_equal_the_training_steps_on_the_same_inputs() {
         .collect();
 
     // The trainer's step on the fixture's (PyTorch-made) inputs.
-    let sets = [
-        format!(
-            "model.student.weights={:?}",
-            fixture_path("reference/eva_tiny.evaclip.safetensors")
-                .display()
-                .to_string()
-        ),
-        format!(
-            "model.vfm.weights={:?}",
-            fixture_path("reference/dinov2_tiny.meta.safetensors")
-                .display()
-                .to_string()
-        ),
-    ];
-    let text: &'static str = Box::leak(std::fs::read_to_string(&job).unwrap().into_boxed_str());
-    let spec = proto::job::load(
-        &proto::job::ConfigSource::Embedded {
-            name: "inspect-job",
-            text,
-        },
-        Vec::new(),
-        &sets,
-    )
-    .unwrap()
-    .spec;
+    let spec = common::tiny_job(224, 196);
     let mut trainer = worker::train::trainer::Trainer::new(&spec, tch::Device::Cpu, 6).unwrap();
-    let grid = fx.get("boxes.grid");
-    let rois = (0..grid.size()[0])
-        .map(|k| {
-            let v = |j: i64| grid.double_value(&[k, j]) as f32;
-            worker::distill::roi_align::RoiBox {
-                batch: v(0) as usize,
-                x0: v(1),
-                y0: v(2),
-                x1: v(3),
-                y1: v(4),
-            }
-        })
-        .collect();
-    use worker::data::{image::Normalization as N, tensor::normalize_u8};
-    let batch = worker::data::sample::Batch {
-        image_ids: vec![1, 2],
-        student_inputs: normalize_u8(&fx.get("in.student.u8"), &N::CLIP),
-        vfm_inputs: normalize_u8(&fx.get("in.vfm.u8"), &N::IMAGENET),
-        rois,
-        crop_inputs: normalize_u8(&fx.get("in.crops.u8"), &N::CLIP),
-    };
+    let batch = common::train_step_batch(&fx);
     let targets = trainer.online_targets(&batch).unwrap();
     let counts = worker::train::trainer::GlobalCounts {
         crops: 11,

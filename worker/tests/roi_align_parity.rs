@@ -5,28 +5,12 @@
 mod common;
 
 use common::{assert_close, Fixture};
-use tch::{Kind, Tensor};
-use worker::distill::roi_align::{roi_align, RoiBox};
-
-fn boxes_of(t: &Tensor) -> Vec<RoiBox> {
-    let rows = t.size()[0];
-    (0..rows)
-        .map(|k| {
-            let v = |j: i64| t.double_value(&[k, j]) as f32;
-            RoiBox {
-                batch: v(0) as usize,
-                x0: v(1),
-                y0: v(2),
-                x1: v(3),
-                y1: v(4),
-            }
-        })
-        .collect()
-}
+use tch::Kind;
+use worker::distill::roi_align::roi_align;
 
 fn check(fx: &Fixture, prefix: &str, scale: f32) {
     let map = fx.get(&format!("{prefix}map")).set_requires_grad(true);
-    let boxes = boxes_of(&fx.get(&format!("{prefix}boxes")));
+    let boxes = common::roi_boxes(&fx.get(&format!("{prefix}boxes")));
     let out = roi_align(&map, &boxes, scale);
     let expected = fx.get(&format!("{prefix}out")).flatten(1, 3);
     assert_close(&format!("{prefix}out"), &out, &expected, 1e-5);

@@ -6,103 +6,18 @@
 mod common;
 
 use common::{assert_close, fixture_path, relative_error, Fixture};
-use proto::job::{self, ConfigSource};
 use tch::Tensor;
-use worker::data::image::Normalization;
-use worker::data::sample::Batch;
-use worker::data::tensor::normalize_u8;
-use worker::distill::roi_align::RoiBox;
 use worker::train::trainer::{GlobalCounts, Trainer};
 
-const JOB: &str = r#"
-[job]
-name = "train-step-parity"
-[model.student]
-family = "eva02"
-width = 64
-depth = 3
-heads = 4
-head_dim = 16
-mlp_hidden = 170
-patch_size = 16
-image_size = 224
-embed_dim = 32
-rope_ref_grid = 16
-[model.vfm]
-family = "dinov2"
-width = 48
-depth = 3
-heads = 3
-head_dim = 16
-mlp_hidden = 192
-patch_size = 14
-image_size = 518
-register_tokens = 4
-layer_scale = true
-[data]
-student_resolution = 224
-vfm_resolution = 196
-crop_resolution = 224
-[train]
-lr = 1e-3
-warmup_steps = 2
-weight_decay = 0.1
-precision = "fp32"
-"#;
-
 fn trainer() -> Trainer {
-    let sets = [
-        format!(
-            "model.student.weights={:?}",
-            fixture_path("reference/eva_tiny.evaclip.safetensors")
-                .display()
-                .to_string()
-        ),
-        format!(
-            "model.vfm.weights={:?}",
-            fixture_path("reference/dinov2_tiny.meta.safetensors")
-                .display()
-                .to_string()
-        ),
-    ];
-    let source = ConfigSource::Embedded {
-        name: "train-step-parity",
-        text: JOB,
-    };
-    let spec = job::load(&source, Vec::new(), &sets)
-        .expect("valid job")
-        .spec;
-    Trainer::new(&spec, tch::Device::Cpu, 6).expect("trainer")
-}
-
-fn fixture_batch(fx: &Fixture) -> Batch {
-    let grid = fx.get("boxes.grid");
-    let rois = (0..grid.size()[0])
-        .map(|k| {
-            let v = |j: i64| grid.double_value(&[k, j]) as f32;
-            RoiBox {
-                batch: v(0) as usize,
-                x0: v(1),
-                y0: v(2),
-                x1: v(3),
-                y1: v(4),
-            }
-        })
-        .collect();
-    Batch {
-        image_ids: vec![1, 2],
-        student_inputs: normalize_u8(&fx.get("in.student.u8"), &Normalization::CLIP),
-        vfm_inputs: normalize_u8(&fx.get("in.vfm.u8"), &Normalization::IMAGENET),
-        rois,
-        crop_inputs: normalize_u8(&fx.get("in.crops.u8"), &Normalization::CLIP),
-    }
+    Trainer::new(&common::tiny_job(224, 196), tch::Device::Cpu, 6).expect("trainer")
 }
 
 #[test]
 fn three_adamw_steps_match_the_pytorch_reference() {
     let fx = Fixture::open("train_step");
     let mut trainer = trainer();
-    let batch = fixture_batch(&fx);
+    let batch = common::train_step_batch(&fx);
     let counts = GlobalCounts {
         crops: 11,
         rows: 2 * 196,

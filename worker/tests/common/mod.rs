@@ -107,3 +107,110 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f64) {
     assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.0e}");
     eprintln!("{what}: relative error {err:.2e}");
 }
+
+/// A job with the tiny reference architectures of the fixtures (EVA student,
+/// DINOv2 VFM), at the given student and VFM resolutions (crops at 224).
+pub fn tiny_job_toml(student_resolution: usize, vfm_resolution: usize) -> String {
+    format!(
+        r#"
+[job]
+name = "tiny-reference"
+
+[model.student]
+family = "eva02"
+width = 64
+depth = 3
+heads = 4
+head_dim = 16
+mlp_hidden = 170
+patch_size = 16
+image_size = 224
+embed_dim = 32
+rope_ref_grid = 16
+
+[model.vfm]
+family = "dinov2"
+width = 48
+depth = 3
+heads = 3
+head_dim = 16
+mlp_hidden = 192
+patch_size = 14
+image_size = 518
+register_tokens = 4
+layer_scale = true
+
+[data]
+student_resolution = {student_resolution}
+vfm_resolution = {vfm_resolution}
+crop_resolution = 224
+
+[train]
+lr = 1e-3
+warmup_steps = 2
+weight_decay = 0.1
+precision = "fp32"
+"#
+    )
+}
+
+/// `--set` overrides pointing the tiny job at the fixtures' weights.
+pub fn fixture_weight_sets() -> Vec<String> {
+    let path = |f: &str| {
+        fixture_path(&format!("reference/{f}"))
+            .display()
+            .to_string()
+    };
+    vec![
+        format!(
+            "model.student.weights={:?}",
+            path("eva_tiny.evaclip.safetensors")
+        ),
+        format!(
+            "model.vfm.weights={:?}",
+            path("dinov2_tiny.meta.safetensors")
+        ),
+    ]
+}
+
+/// The tiny job, resolved, with the fixtures' weights.
+pub fn tiny_job(student_resolution: usize, vfm_resolution: usize) -> proto::job::JobSpec {
+    let text: &'static str =
+        Box::leak(tiny_job_toml(student_resolution, vfm_resolution).into_boxed_str());
+    let source = proto::job::ConfigSource::Embedded {
+        name: "tiny-reference",
+        text,
+    };
+    proto::job::load(&source, Vec::new(), &fixture_weight_sets())
+        .expect("valid tiny job")
+        .spec
+}
+
+/// RoI boxes from rows `[batch, x0, y0, x1, y1]` of a [K,5] tensor.
+pub fn roi_boxes(rows: &Tensor) -> Vec<worker::distill::roi_align::RoiBox> {
+    (0..rows.size()[0])
+        .map(|k| {
+            let v = |j: i64| rows.double_value(&[k, j]) as f32;
+            worker::distill::roi_align::RoiBox {
+                batch: v(0) as usize,
+                x0: v(1),
+                y0: v(2),
+                x1: v(3),
+                y1: v(4),
+            }
+        })
+        .collect()
+}
+
+/// The batch of the train-step fixture (PyTorch-made inputs, 11 crops).
+pub fn train_step_batch(fx: &Fixture) -> worker::data::sample::Batch {
+    use worker::data::image::Normalization;
+    use worker::data::tensor::normalize_u8;
+    worker::data::sample::Batch {
+        image_ids: vec![1, 2],
+        student_inputs: normalize_u8(&fx.get("in.student.u8"), &Normalization::CLIP),
+        vfm_inputs: normalize_u8(&fx.get("in.vfm.u8"), &Normalization::IMAGENET),
+        rois: roi_boxes(&fx.get("boxes.grid")),
+        crop_inputs: normalize_u8(&fx.get("in.crops.u8"), &Normalization::CLIP),
+    }
+}
