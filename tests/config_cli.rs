@@ -38,13 +38,21 @@ fn assert_refused(output: &Output, origin: &str, key: &str) {
     );
 }
 
-/// Writes a copy of the demo config with `edit` applied, returns its path.
-fn demo_variant(dir: &Path, name: &str, edit: impl Fn(String) -> String) -> String {
+/// Writes a copy of the demo config with the first `key = ...` line of each edit
+/// replaced by `key = value`, returns its path. Panics if a key is not in the demo,
+/// so a change to the demo cannot silently turn a refusal test into a no-op.
+fn demo_variant(dir: &Path, name: &str, edits: &[(&str, &str)]) -> String {
     let demo = std::fs::read_to_string(repo_root().join("configs/demo.toml")).unwrap();
-    let text = edit(demo);
-    assert!(text.contains("[train]"), "edit kept the file usable");
+    let mut lines: Vec<String> = demo.lines().map(String::from).collect();
+    for (key, value) in edits {
+        let line = lines
+            .iter_mut()
+            .find(|l| l.split('=').next().map(str::trim) == Some(*key))
+            .unwrap_or_else(|| panic!("configs/demo.toml has no `{key} =` line"));
+        *line = format!("{key} = {value}");
+    }
     let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, lines.join("\n")).unwrap();
     path.display().to_string()
 }
 
@@ -71,25 +79,14 @@ fn malformed_configs_are_refused_naming_file_and_key_and_leave_no_files() {
     let configs = tempfile::tempdir().unwrap();
     let cfg = configs.path();
     // (config file, extra args, env, expected origin, expected key)
-    let unknown = demo_variant(cfg, "unknown.toml", |t| {
-        t.replace("[train]", "[train]\nbatchsize = 4")
-    });
-    let wrong_type = demo_variant(cfg, "type.toml", |t| {
-        t.replace("epochs = 3", "epochs = \"three\"")
-    });
-    let range = demo_variant(cfg, "range.toml", |t| t.replace("lr = 2e-3", "lr = -1.0"));
-    let batch = demo_variant(cfg, "batch.toml", |t| {
-        t.replace("batch_size = 4", "batch_size = 5")
-    });
-    let patch = demo_variant(cfg, "patch.toml", |t| {
-        t.replace("student_resolution = 224", "student_resolution = 200")
-    });
-    let grid = demo_variant(cfg, "grid.toml", |t| {
-        t.replace("vfm_resolution = 196", "vfm_resolution = 168")
-    });
-    let coco = demo_variant(cfg, "coco.toml", |t| {
-        t.replace("source = \"synthetic\"", "source = \"coco\"")
-    });
+    // An extra line inside [train]: `epochs = 4` followed by an unknown key.
+    let unknown = demo_variant(cfg, "unknown.toml", &[("epochs", "4\nbatchsize = 4")]);
+    let wrong_type = demo_variant(cfg, "type.toml", &[("epochs", "\"three\"")]);
+    let range = demo_variant(cfg, "range.toml", &[("lr", "-1.0")]);
+    let batch = demo_variant(cfg, "batch.toml", &[("batch_size", "5")]);
+    let patch = demo_variant(cfg, "patch.toml", &[("student_resolution", "200")]);
+    let grid = demo_variant(cfg, "grid.toml", &[("vfm_resolution", "168")]);
+    let coco = demo_variant(cfg, "coco.toml", &[("source", "\"coco\"")]);
     let cases: Vec<RefusalCase> = vec![
         (
             vec!["--config".into(), unknown.clone()],

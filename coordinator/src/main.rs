@@ -45,19 +45,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn validate(config: &ConfigArgs) -> ExitCode {
-    match config.load() {
-        Ok(loaded) => {
-            println!(
-                "# resolved from {} (hash {})",
-                loaded.source,
-                loaded.spec.hash_hex()
-            );
-            print!("{}", loaded.spec.to_toml());
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::from(EXIT_CONFIG)
-        }
-    }
+    let Some(loaded) = config.load_or_report() else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    println!(
+        "# resolved from {} (hash {})",
+        loaded.source,
+        loaded.spec.hash_hex()
+    );
+    print!("{}", loaded.spec.to_toml());
+    ExitCode::SUCCESS
 }

@@ -34,6 +34,12 @@ impl ConfigArgs {
     pub fn load(&self) -> Result<LoadedJob, ConfigError> {
         job::load(&self.source(), std::env::vars(), &self.sets)
     }
+
+    /// [`Self::load`], printing every problem to stderr when the config is refused;
+    /// the caller then exits with [`EXIT_CONFIG`].
+    pub fn load_or_report(&self) -> Option<LoadedJob> {
+        self.load().map_err(|err| eprintln!("error: {err}")).ok()
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]

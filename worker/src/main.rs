@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use proto::cli::{self, ConfigArgs, LogArgs, EXIT_CONFIG};
-use proto::job::parse_device;
+use proto::job::{parse_device, DataSource};
 use worker::runtime;
 
 /// Runs DeCLIP work on one device: trainer or teacher processes (as those land),
@@ -87,6 +87,40 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Write a synthetic COCO dataset: N JPEG and PNG images of varied sizes under
+    /// OUT/train2017 and OUT/annotations/instances_train2017.json (one box per image).
+    SynthCoco {
+        /// Good images to write.
+        #[arg(long, value_name = "N")]
+        images: u32,
+        /// Dataset root (use it as data.coco_root).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Also add one entry of each defect a reader must survive: a missing file, a
+        /// zero-byte file, a truncated JPEG, a text file named .jpg, a size that disagrees
+        /// with the json, a decompression bomb, a duplicate id, `../evil.jpg`, `/etc/passwd`.
+        #[arg(long)]
+        defects: bool,
+        /// Seeds pixels and boxes.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Write only the annotations json, with COCO-like annotation bulk (≈3.8 kB per
+        /// image) and no image files: input for the index benchmark.
+        #[arg(long, conflicts_with = "defects")]
+        index_only: bool,
+    },
+    /// Scan the job's COCO dataset as training would read it (annotations, every file,
+    /// decode, size check) without training. Prints every problem with its path and reason
+    /// and a summary by reason. Exits 0 when the skips stay within data.max_skip_fraction,
+    /// 1 when they do not (or the annotations cannot be read), 2 for a config error.
+    DataCheck {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Only read the annotations (no image file is touched) and report the time and
+        /// peak memory it took.
+        #[arg(long)]
+        index_only: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -117,12 +151,8 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
             standalone,
             device,
         } => {
-            let job = match config.load() {
-                Ok(loaded) => loaded.spec,
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    return Ok(ExitCode::from(EXIT_CONFIG));
-                }
+            let Some(job) = config.load_or_report().map(|loaded| loaded.spec) else {
+                return Ok(ExitCode::from(EXIT_CONFIG));
             };
             anyhow::ensure!(
                 standalone,
@@ -153,12 +183,8 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
             out,
             device,
         } => {
-            let job = match config.load() {
-                Ok(loaded) => loaded.spec,
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    return Ok(ExitCode::from(EXIT_CONFIG));
-                }
+            let Some(job) = config.load_or_report().map(|loaded| loaded.spec) else {
+                return Ok(ExitCode::from(EXIT_CONFIG));
             };
             let device = select(&device, info)?;
             let request = commands::inspect::InspectRequest {
@@ -179,6 +205,36 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
                 names.join(", ")
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::SynthCoco {
+            images,
+            out,
+            defects,
+            seed,
+            index_only,
+        } => {
+            println!(
+                "{}",
+                commands::synth_coco::synth_coco(&out, images, seed, defects, index_only)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DataCheck { config, index_only } => {
+            let Some(job) = config.load_or_report().map(|loaded| loaded.spec) else {
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            };
+            if job.data.source != DataSource::Coco {
+                eprintln!(
+                    "error: data-check reads a COCO dataset: set data.source = \"coco\" and data.coco_root"
+                );
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+            let usable = commands::data_check::data_check(&job.data, index_only)?;
+            Ok(if usable {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }
@@ -207,6 +263,13 @@ fn print_summary(s: &worker::train::run::RunSummary) {
     }
     for path in &s.exports {
         println!("export         {}", path.display());
+    }
+    if s.skips.total() > 0 {
+        // Each was replaced by the next good image in index order (worker::data::skips).
+        println!("skipped        {}", s.skips.total());
+        for (reason, n) in s.skips.iter() {
+            println!("skipped {:<15}{n}", reason.as_str());
+        }
     }
 }
 

@@ -3,9 +3,19 @@
 //! [`image`] needs no libtorch: decoding to RGB8 (PNG in Rust, JPEG through libjpeg-turbo),
 //! Pillow-exact bicubic resize, crop and letterbox, and the normalisation constants.
 //! [`tensor`] is the small bridge that turns letterboxed pixels into model inputs.
+//!
+//! COCO on disk: [`coco`] reads the annotations into the dataset index and loads images with
+//! every failure classified, [`skips`] replaces bad images deterministically during training
+//! and enforces `data.max_skip_fraction`, and [`synth_coco`] writes synthetic COCO datasets
+//! (with defects on demand) for the demo, tests and benchmarks.
 
+pub mod coco;
 pub mod image;
+pub mod loader;
 pub mod sample;
+pub mod skips;
+pub mod source;
+pub mod synth_coco;
 pub mod synthetic;
 pub mod tensor;
 

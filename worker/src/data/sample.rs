@@ -30,6 +30,12 @@ pub enum SampleError {
     Crop { image_id: u64, source: CropError },
     #[error("cannot assemble a batch: {0}")]
     Batch(String),
+    /// A bad image (missing, truncated, ...): skipped, never fatal on its own.
+    #[error("skipped {0}")]
+    Skipped(proto::dataset::SkippedImage),
+    /// More bad images than `data.max_skip_fraction` tolerates.
+    #[error(transparent)]
+    TooManySkips(#[from] super::skips::TooManySkips),
 }
 
 /// A prepared image: model inputs and its crops.
@@ -46,7 +52,8 @@ pub struct Sample {
     pub crop_inputs: Tensor,
 }
 
-/// Prepares `img` (COCO id `image_id`) for `epoch` under `plan`.
+/// Prepares `img` (COCO id `image_id`) for `epoch` under `plan`: [`model_inputs`] and
+/// [`crops`].
 pub fn prepare(
     img: &RgbImage,
     image_id: u64,
@@ -54,10 +61,45 @@ pub fn prepare(
     plan: &CropPlan,
     res: Resolutions,
 ) -> Result<Sample, SampleError> {
+    let (student_input, vfm_input) = model_inputs(img, image_id, res)?;
+    let (grid_boxes, crop_inputs) = crops(img, image_id, epoch, plan, res)?;
+    Ok(Sample {
+        image_id,
+        student_input,
+        vfm_input,
+        grid_boxes,
+        crop_inputs,
+    })
+}
+
+/// The student and VFM inputs of `img`: `[3,S,S]` CLIP-normalised and `[3,V,V]`
+/// ImageNet-normalised, both letterboxed top-left.
+pub fn model_inputs(
+    img: &RgbImage,
+    image_id: u64,
+    res: Resolutions,
+) -> Result<(Tensor, Tensor), SampleError> {
     let image_err = |source| SampleError::Image { image_id, source };
-    let crop_err = |source| SampleError::Crop { image_id, source };
     let student = image::letterbox(img, res.student, Placement::TopLeft).map_err(image_err)?;
     let vfm = image::letterbox(img, res.vfm, Placement::TopLeft).map_err(image_err)?;
+    Ok((
+        student.to_input_tensor(&Normalization::CLIP),
+        vfm.to_input_tensor(&Normalization::IMAGENET),
+    ))
+}
+
+/// The crops of `img` for `epoch` under `plan`: their RoI boxes on the student grid
+/// (patch units, `batch` 0) and `[K,3,c,c]` CLIP-normalised centred crops, in the same
+/// order.
+pub fn crops(
+    img: &RgbImage,
+    image_id: u64,
+    epoch: u32,
+    plan: &CropPlan,
+    res: Resolutions,
+) -> Result<(Vec<RoiBox>, Tensor), SampleError> {
+    let image_err = |source| SampleError::Image { image_id, source };
+    let crop_err = |source| SampleError::Crop { image_id, source };
     let crops = plan
         .draw(epoch, image_id, img.width, img.height)
         .map_err(crop_err)?;
@@ -83,13 +125,8 @@ pub fn prepare(
         let boxed = image::letterbox(&cut, res.crop, Placement::Centred).map_err(image_err)?;
         crop_inputs.push(boxed.to_input_tensor(&Normalization::CLIP));
     }
-    Ok(Sample {
-        image_id,
-        student_input: student.to_input_tensor(&Normalization::CLIP),
-        vfm_input: vfm.to_input_tensor(&Normalization::IMAGENET),
-        grid_boxes,
-        crop_inputs: batch(&crop_inputs).map_err(|e| SampleError::Batch(e.to_string()))?,
-    })
+    let crop_inputs = batch(&crop_inputs).map_err(|e| SampleError::Batch(e.to_string()))?;
+    Ok((grid_boxes, crop_inputs))
 }
 
 /// A batch of prepared samples (CPU tensors).

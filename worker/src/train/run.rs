@@ -2,8 +2,10 @@
 //! checkpoint, export. `worker train --standalone` runs this.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use proto::dataset::SkipCounts;
 use proto::job::{DataSource, JobSpec};
 use proto::plan::crops::CropPlan;
 use proto::plan::order::{Cursor, OrderError, OrderPlan};
@@ -12,9 +14,10 @@ use tch::Device;
 use super::checkpoint::{self, Checkpoint, CheckpointError, CheckpointState};
 use super::export::{self, ExportError};
 use super::trainer::{GlobalCounts, StepReport, TrainError, Trainer};
-use crate::data::image::RgbImage;
+use crate::data::coco::{self, CocoError};
+use crate::data::loader::{LoadError, Loader, LoaderConfig, LoaderError, SamplePrep, SharedSource};
 use crate::data::sample::{self, Batch, Resolutions, SampleError};
-use crate::data::synthetic;
+use crate::data::source::SyntheticSource;
 use crate::distill::step::Targets;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,14 @@ pub enum RunError {
     Order(#[from] OrderError),
     #[error("data: {0}")]
     Sample(#[from] SampleError),
+    #[error("data: {0}")]
+    Load(#[from] LoadError),
+    #[error("data loader: {0}")]
+    Loader(#[from] LoaderError),
+    #[error("the data loader ended before step {0}: a loader bug")]
+    LoaderEnded(u64),
+    #[error("dataset: {0}")]
+    Dataset(#[from] CocoError),
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] CheckpointError),
     #[error("export: {0}")]
@@ -39,30 +50,6 @@ pub enum RunError {
     },
 }
 
-/// Where the images come from.
-pub trait ImageSource {
-    /// Number of images in the index.
-    fn image_count(&self) -> u32;
-    /// The image at index position `index`: its dataset id and pixels.
-    fn image(&self, index: u32) -> Result<(u64, RgbImage), SampleError>;
-}
-
-/// The synthetic images of `data.source = "synthetic"` (ids 1..=n).
-pub struct SyntheticSource {
-    pub seed: u64,
-    pub images: u32,
-}
-
-impl ImageSource for SyntheticSource {
-    fn image_count(&self) -> u32 {
-        self.images
-    }
-    fn image(&self, index: u32) -> Result<(u64, RgbImage), SampleError> {
-        let id = u64::from(index) + 1;
-        Ok((id, synthetic::image(self.seed, id)))
-    }
-}
-
 /// What a run did.
 #[derive(Debug)]
 pub struct RunSummary {
@@ -75,27 +62,34 @@ pub struct RunSummary {
     pub checkpoint: Option<PathBuf>,
     pub exports: Vec<PathBuf>,
     pub wall: Duration,
+    /// Bad images skipped, by reason (each replaced by the next good image in index
+    /// order, see `data::skips`); all zero for synthetic data.
+    pub skips: SkipCounts,
 }
 
 /// Runs the job in this process on `device` until its last step.
 pub fn run_standalone(spec: &JobSpec, device: Device) -> Result<RunSummary, RunError> {
-    let source = match spec.data.source {
-        DataSource::Synthetic => SyntheticSource { seed: spec.job.seed, images: spec.data.synthetic_images as u32 },
-        DataSource::Coco => {
-            return Err(RunError::Unsupported(
-                "data.source = \"coco\" needs the COCO data pipeline, which is not built yet; use \"synthetic\"".into(),
-            ))
+    match spec.data.source {
+        DataSource::Synthetic => {
+            let source = Arc::new(SyntheticSource {
+                seed: spec.job.seed,
+                images: spec.data.synthetic_images as u32,
+            });
+            run(spec, device, source)
         }
-    };
-    run(spec, device, &source)
+        DataSource::Coco => {
+            // Bad images are skipped, logged with their path, counted by reason and replaced
+            // deterministically; past data.max_skip_fraction the run fails (data::skips).
+            let source = Arc::new(coco::training_source(&spec.data)?);
+            let mut summary = run(spec, device, source.clone())?;
+            summary.skips = source.counts();
+            Ok(summary)
+        }
+    }
 }
 
-/// The loop, over any image source.
-pub fn run(
-    spec: &JobSpec,
-    device: Device,
-    source: &dyn ImageSource,
-) -> Result<RunSummary, RunError> {
+/// The loop, over any image source (shared with the data loader's threads).
+pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let run_dir = PathBuf::from(&spec.job.run_dir);
     let ckpt_root = run_dir.join("checkpoints");
@@ -155,18 +149,29 @@ pub fn run(
         checkpoint: None,
         exports: Vec::new(),
         wall: Duration::ZERO,
+        skips: SkipCounts::default(),
     };
     let mut last_saved = step;
     let mut window = (Instant::now(), 0u64);
+    // Samples are prepared ahead on data.loader_threads threads, in the order's order.
+    let prep = SamplePrep {
+        plan: crop_plan,
+        resolutions,
+    };
+    let batches = order
+        .resume(cursor)?
+        .take(total.saturating_sub(step) as usize);
+    let mut loader = Loader::new(
+        LoaderConfig::from_spec(&spec.data),
+        source,
+        prep,
+        Box::new(batches),
+    )?;
     while step < total {
-        let indices = order.batch_at(cursor)?;
-        let samples = indices
-            .iter()
-            .map(|&i| {
-                let (id, img) = source.image(i)?;
-                sample::prepare(&img, id, cursor.epoch, &crop_plan, resolutions)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let loaded = loader.next_batch().ok_or(RunError::LoaderEnded(step))?;
+        debug_assert_eq!(loaded.cursor, cursor, "the loader follows the order");
+        let images = loaded.indices.len() as u64;
+        let samples = loaded.into_samples()?;
         let counts = GlobalCounts {
             crops: samples.iter().map(|s| s.grid_boxes.len() as i64).sum(),
             rows: samples.len() as i64 * rows_per_image,
@@ -183,9 +188,9 @@ pub fn run(
         step += 1;
         cursor.advance(steps_per_epoch);
         summary.steps_run += 1;
-        summary.images += indices.len() as u64;
+        summary.images += images;
         summary.losses.push(report.total);
-        window.1 += indices.len() as u64;
+        window.1 += images;
         if step % spec.train.log_every == 0 || step == total {
             log_step(
                 step,
@@ -195,6 +200,7 @@ pub fn run(
                 window.1 as f64 / window.0.elapsed().as_secs_f64(),
             );
             window = (Instant::now(), 0);
+            tracing::info!("data: {}", loader.stats());
         }
         if spec.checkpoint.every_steps > 0 && step % spec.checkpoint.every_steps == 0 {
             summary.checkpoint = Some(save(
