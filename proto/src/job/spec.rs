@@ -151,7 +151,8 @@ pub enum DecoupledMode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DataSource {
-    /// COCO-format data generated into the run directory (demo, tests).
+    /// A COCO-format dataset (`data.synthetic_images` JPEG/PNG files and an instances
+    /// json) written into `job.run_dir/synthetic-coco` once, then read as COCO (demo, tests).
     #[default]
     Synthetic,
     /// A COCO-format dataset on disk (`coco_root`).

@@ -15,6 +15,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use proto::dataset::SkipReason;
+use proto::job::{DataSource, DataSpec};
 use proto::plan::rng::{PlanRng, Purpose};
 use serde::Serialize;
 
@@ -185,6 +186,41 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SynthError> {
 }
 
 /// Writes a synthetic dataset under `out` (module doc).
+/// The synthetic dataset of a job (`data.source = "synthetic"`): written once into
+/// `root` (assembled in a temp folder and renamed, so an interrupted write is redone,
+/// never half-used), then read like any COCO dataset. Returns the `DataSpec` that
+/// points at it.
+pub fn ensure_job_dataset(data: &DataSpec, seed: u64, root: &Path) -> Result<DataSpec, SynthError> {
+    if !root.join(ANNOTATIONS).exists() {
+        let tmp = root.with_extension(format!("tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        let options = SynthOptions {
+            images: data.synthetic_images as u32,
+            seed,
+            defects: false,
+        };
+        write_dataset(&tmp, &options)?;
+        if root.exists() {
+            std::fs::remove_dir_all(root).map_err(io_err(root))?;
+        }
+        std::fs::rename(&tmp, root).map_err(io_err(root))?;
+        tracing::info!(
+            "wrote {} synthetic COCO images into {}",
+            options.images,
+            root.display()
+        );
+    }
+    Ok(DataSpec {
+        source: DataSource::Coco,
+        coco_root: Some(root.display().to_string()),
+        images_dir: IMAGES_DIR.into(),
+        annotations: ANNOTATIONS.into(),
+        ..data.clone()
+    })
+}
+
 pub fn write_dataset(out: &Path, options: &SynthOptions) -> Result<SynthReport, SynthError> {
     if options.images == 0 {
         return Err(SynthError::NoImages);

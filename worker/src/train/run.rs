@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::dataset::SkipCounts;
-use proto::job::{DataSource, JobSpec};
+use proto::job::{DataSource, DataSpec, JobSpec};
 use proto::plan::crops::CropPlan;
 use proto::plan::order::{Cursor, OrderError, OrderPlan};
 use tch::Device;
@@ -17,7 +17,7 @@ use super::trainer::{GlobalCounts, StepReport, TrainError, Trainer};
 use crate::data::coco::{self, CocoError};
 use crate::data::loader::{LoadError, Loader, LoaderConfig, LoaderError, SamplePrep, SharedSource};
 use crate::data::sample::{self, Batch, Resolutions, SampleError};
-use crate::data::source::SyntheticSource;
+use crate::data::synth_coco::{self, SynthError};
 use crate::distill::step::Targets;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,8 @@ pub enum RunError {
     LoaderEnded(u64),
     #[error("dataset: {0}")]
     Dataset(#[from] CocoError),
+    #[error("synthetic dataset: {0}")]
+    Synthetic(#[from] SynthError),
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] CheckpointError),
     #[error("export: {0}")]
@@ -71,21 +73,24 @@ pub struct RunSummary {
 pub fn run_standalone(spec: &JobSpec, device: Device) -> Result<RunSummary, RunError> {
     match spec.data.source {
         DataSource::Synthetic => {
-            let source = Arc::new(SyntheticSource {
-                seed: spec.job.seed,
-                images: spec.data.synthetic_images as u32,
-            });
-            run(spec, device, source)
+            // The demo's data is a real COCO-format dataset in the run directory, read
+            // through the same pipeline as COCO itself.
+            let root = PathBuf::from(&spec.job.run_dir).join("synthetic-coco");
+            let data = synth_coco::ensure_job_dataset(&spec.data, spec.job.seed, &root)?;
+            run_coco(spec, &data, device)
         }
-        DataSource::Coco => {
-            // Bad images are skipped, logged with their path, counted by reason and replaced
-            // deterministically; past data.max_skip_fraction the run fails (data::skips).
-            let source = Arc::new(coco::training_source(&spec.data)?);
-            let mut summary = run(spec, device, source.clone())?;
-            summary.skips = source.counts();
-            Ok(summary)
-        }
+        DataSource::Coco => run_coco(spec, &spec.data, device),
     }
+}
+
+/// Trains on the COCO-format dataset `data`. Bad images are skipped, logged with their
+/// path, counted by reason and replaced deterministically; past `data.max_skip_fraction`
+/// the run fails (`data::skips`).
+fn run_coco(spec: &JobSpec, data: &DataSpec, device: Device) -> Result<RunSummary, RunError> {
+    let source = Arc::new(coco::training_source(data)?);
+    let mut summary = run(spec, device, source.clone())?;
+    summary.skips = source.counts();
+    Ok(summary)
 }
 
 /// The loop, over any image source (shared with the data loader's threads).
