@@ -83,12 +83,7 @@ fn spec(name: &str, batch: usize) -> job::JobSpec {
 fn run_case(name: &str, batch: usize, runs: usize) {
     let spec = spec(name, batch);
     let mut trainer = Trainer::new(&spec, Device::Cpu, 1000).expect("trainer");
-    let res = Resolutions {
-        student: spec.data.student_resolution as u32,
-        student_grid: (spec.data.student_resolution / spec.model.student.arch().patch_size) as u32,
-        vfm: spec.data.vfm_resolution as u32,
-        crop: spec.data.crop_resolution as u32,
-    };
+    let res = Resolutions::of_job(&spec);
     let plan = CropPlan {
         seed: 0,
         max_crops: spec.data.max_crops,

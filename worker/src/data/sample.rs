@@ -22,6 +22,19 @@ pub struct Resolutions {
     pub crop: u32,
 }
 
+impl Resolutions {
+    /// The input sizes a job configures (`data.*_resolution`, the student's patch size).
+    pub fn of_job(spec: &proto::job::JobSpec) -> Self {
+        let d = &spec.data;
+        Self {
+            student: d.student_resolution as u32,
+            student_grid: (d.student_resolution / spec.model.student.arch().patch_size) as u32,
+            vfm: d.vfm_resolution as u32,
+            crop: d.crop_resolution as u32,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SampleError {
     #[error("image {image_id}: {source}")]

@@ -128,12 +128,7 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
         );
         resumed_from = Some(dir);
     }
-    let resolutions = Resolutions {
-        student: spec.data.student_resolution as u32,
-        student_grid: (spec.data.student_resolution / spec.model.student.arch().patch_size) as u32,
-        vfm: spec.data.vfm_resolution as u32,
-        crop: spec.data.crop_resolution as u32,
-    };
+    let resolutions = Resolutions::of_job(spec);
     let crop_plan = CropPlan {
         seed: spec.job.seed,
         max_crops: spec.data.max_crops,
