@@ -1674,22 +1674,6 @@ mod tests {
         assert!(decode(b"", Path::new("empty"), &DecodeOptions::default()).is_err());
     }
 
-    /// CRC-32 (PNG's), to patch a header in tests.
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-
     #[test]
     fn the_bomb_guard_refuses_before_decoding() {
         let small = DecodeOptions { max_pixels: 1000 };
@@ -1709,18 +1693,7 @@ mod tests {
 
         // Headers claiming 60000 x 60000 (3.6 G pixels) with almost no data behind them: refused
         // from the header alone, nothing allocated.
-        let mut png = png_bytes(
-            2,
-            2,
-            png::ColorType::Rgb,
-            png::BitDepth::Eight,
-            &[0; 12],
-            |_| {},
-        );
-        png[16..20].copy_from_slice(&60_000u32.to_be_bytes()); // IHDR width
-        png[20..24].copy_from_slice(&60_000u32.to_be_bytes()); // IHDR height
-        let crc = crc32(&png[12..29]);
-        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        let png = crate::data::synth_coco::bomb_png(60_000, 60_000);
         let err = decode(&png, Path::new("bomb.png"), &DecodeOptions::default()).unwrap_err();
         assert!(
             matches!(
