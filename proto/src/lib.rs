@@ -9,8 +9,22 @@
 //! - [`plan`]: deterministic plans (epoch order, shards, crop plan) that trainers,
 //!   teachers and the coordinator must derive identically.
 //! - [`cli`]: the flags, logging and exit codes both binaries share.
+//! - [`wire`]: the control protocol (`declip.proto`, package `declip.v1`), generated
+//!   by tonic/prost; [`auth`] says how its calls carry the job's token.
 
+pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod dataset;
 pub mod job;
 pub mod plan;
+
+/// Version of the control protocol. A worker whose version differs from the
+/// coordinator's is refused at `Register` with both versions in the message.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Types and gRPC client/server of `declip.proto` (package `declip.v1`).
+#[allow(clippy::all, missing_docs)]
+pub mod wire {
+    tonic::include_proto!("declip.v1");
+}
