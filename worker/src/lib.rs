@@ -6,5 +6,6 @@
 pub mod data;
 pub mod distill;
 pub mod model;
+pub mod control;
 pub mod runtime;
 pub mod train;

@@ -31,16 +31,18 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
-    /// Train the job's student. With --standalone, in this process alone (one trainer,
-    /// the whole global batch, teachers run online); resumes from the newest valid
-    /// checkpoint under job.run_dir/checkpoints.
+    /// Train the job's student. Under a coordinator (`--coordinator ADDR`, the job comes
+    /// from it): join its groups and train data-parallel with the other trainers. With
+    /// --standalone: in this process alone (the whole global batch, teachers online),
+    /// resuming from the newest valid checkpoint under job.run_dir/checkpoints.
     Train {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Train without a coordinator (required for now: training under a
-        /// coordinator arrives with the data-parallel trainers).
-        #[arg(long)]
+        /// Train alone, without a coordinator.
+        #[arg(long, conflicts_with = "coordinator")]
         standalone: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// `auto`, `cpu`, `cuda` or `cuda:N`; default: trainers.device of the config.
         #[arg(long)]
         device: Option<String>,
@@ -123,6 +125,27 @@ enum Command {
     },
 }
 
+/// How a worker reaches its coordinator. The token comes from `DECLIP_TOKEN` (never a
+/// flag: other users can read command lines); TLS from `DECLIP_TLS_CA` / `_CERT` / `_KEY`.
+#[derive(clap::Args, Debug, Clone)]
+struct RemoteArgs {
+    /// The coordinator's gRPC address (host:port).
+    #[arg(long, value_name = "ADDR")]
+    coordinator: Option<String>,
+    /// A file holding the job token (alternative to DECLIP_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Preferred rank (Kubernetes: the job completion index).
+    #[arg(long, env = "DECLIP_RANK_HINT")]
+    rank_hint: Option<i32>,
+    /// Give up after the coordinator has been unreachable this many seconds.
+    #[arg(long, default_value_t = 120)]
+    reconnect_timeout_s: u64,
+    /// Where this trainer's CPU ring listener binds (peers connect to it).
+    #[arg(long, env = "DECLIP_RING_LISTEN", default_value = "127.0.0.1:0")]
+    ring_listen: String,
+}
+
 fn main() -> ExitCode {
     // First act: make CUDA visible to libtorch before anything queries it.
     let info = runtime::init();
@@ -149,14 +172,18 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
         Command::Train {
             config,
             standalone,
+            remote,
             device,
         } => {
+            if let Some(addr) = remote.coordinator.clone() {
+                return commands::remote::train(&addr, &remote.options(), device.as_deref(), info);
+            }
             let Some(job) = config.load_or_report().map(|loaded| loaded.spec) else {
                 return Ok(ExitCode::from(EXIT_CONFIG));
             };
             anyhow::ensure!(
                 standalone,
-                "worker train runs with --standalone for now (training under a coordinator is not built yet)"
+                "worker train needs --coordinator ADDR (the job comes from the coordinator) or --standalone"
             );
             let device = select(device.as_deref().unwrap_or(&job.trainers.device), info)?;
             let summary = worker::train::run::run_standalone(&job, device)?;
@@ -273,7 +300,18 @@ fn print_summary(s: &worker::train::run::RunSummary) {
     }
 }
 
-fn select(device: &str, info: &runtime::RuntimeInfo) -> anyhow::Result<tch::Device> {
+impl RemoteArgs {
+    fn options(&self) -> commands::remote::RemoteOptions {
+        commands::remote::RemoteOptions {
+            token_file: self.token_file.clone(),
+            rank_hint: self.rank_hint.unwrap_or(-1),
+            reconnect_timeout: std::time::Duration::from_secs(self.reconnect_timeout_s),
+            ring_listen: self.ring_listen.clone(),
+        }
+    }
+}
+
+pub(crate) fn select(device: &str, info: &runtime::RuntimeInfo) -> anyhow::Result<tch::Device> {
     let request = parse_device(device)
         .with_context(|| format!("--device {device:?}: expected auto, cpu, cuda or cuda:N"))?;
     Ok(runtime::select_device(request, info)?)

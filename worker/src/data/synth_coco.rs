@@ -185,12 +185,15 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SynthError> {
     std::fs::write(path, bytes).map_err(io_err(path))
 }
 
-/// Writes a synthetic dataset under `out` (module doc).
 /// The synthetic dataset of a job (`data.source = "synthetic"`): written once into
 /// `root` (assembled in a temp folder and renamed, so an interrupted write is redone,
 /// never half-used), then read like any COCO dataset. Returns the `DataSpec` that
 /// points at it.
+///
+/// Every process of a job (trainers, teachers) calls this at start: an exclusive lock on
+/// `root.lock` makes one of them write while the others wait, then find it written.
 pub fn ensure_job_dataset(data: &DataSpec, seed: u64, root: &Path) -> Result<DataSpec, SynthError> {
+    let _lock = DirLock::acquire(&root.with_extension("lock"))?;
     if !root.join(ANNOTATIONS).exists() {
         let tmp = root.with_extension(format!("tmp-{}", std::process::id()));
         if tmp.exists() {
@@ -221,6 +224,25 @@ pub fn ensure_job_dataset(data: &DataSpec, seed: u64, root: &Path) -> Result<Dat
     })
 }
 
+/// An exclusive `flock` on a file, released when dropped (or when the process dies).
+struct DirLock(File);
+
+impl DirLock {
+    fn acquire(path: &Path) -> Result<Self, SynthError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let file = File::create(path).map_err(io_err(path))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io_err(path)(std::io::Error::last_os_error()));
+        }
+        Ok(Self(file))
+    }
+}
+
+/// Writes a synthetic dataset under `out` (module doc).
 pub fn write_dataset(out: &Path, options: &SynthOptions) -> Result<SynthReport, SynthError> {
     if options.images == 0 {
         return Err(SynthError::NoImages);

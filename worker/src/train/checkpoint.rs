@@ -115,6 +115,12 @@ pub fn save(root: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf, Chec
     Ok(dest)
 }
 
+/// The checksum the coordinator's registry records for a checkpoint: sha256 of its
+/// `state.json`, which itself lists the sha256 of every other file.
+pub fn state_checksum(dir: &Path) -> Result<String, CheckpointError> {
+    hash_file(&dir.join(STATE))
+}
+
 fn sync_and_hash(path: &Path) -> Result<String, CheckpointError> {
     File::open(path)
         .and_then(|f| f.sync_all())

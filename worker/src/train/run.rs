@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::dataset::SkipCounts;
-use proto::job::{DataSource, DataSpec, JobSpec};
+use proto::job::{DataSource, JobSpec};
 use proto::plan::crops::CropPlan;
 use proto::plan::order::{Cursor, OrderError, OrderPlan};
 use tch::Device;
 
 use super::checkpoint::{self, Checkpoint, CheckpointError, CheckpointState};
 use super::export::{self, ExportError};
-use super::trainer::{GlobalCounts, StepReport, TrainError, Trainer};
-use crate::data::coco::{self, CocoError};
+use super::trainer::{StepReport, TrainError, Trainer};
+use crate::data::coco::{self, CocoError, CocoSource};
+use crate::data::skips::SkippingSource;
 use crate::data::loader::{LoadError, Loader, LoaderConfig, LoaderError, SamplePrep, SharedSource};
 use crate::data::sample::{self, Batch, Resolutions, SampleError};
 use crate::data::synth_coco::{self, SynthError};
@@ -69,28 +70,64 @@ pub struct RunSummary {
     pub skips: SkipCounts,
 }
 
-/// Runs the job in this process on `device` until its last step.
+/// Runs the job in this process on `device` until its last step. Bad images are
+/// skipped, logged with their path, counted by reason and replaced deterministically;
+/// past `data.max_skip_fraction` the run fails (`data::skips`).
 pub fn run_standalone(spec: &JobSpec, device: Device) -> Result<RunSummary, RunError> {
-    match spec.data.source {
+    let (source, counted) = open_training_source(spec)?;
+    let mut summary = run(spec, device, source)?;
+    summary.skips = counted.counts();
+    Ok(summary)
+}
+
+/// The job's training images: its synthetic dataset (written on first use) or its COCO
+/// dataset, behind the skipping source.
+pub fn open_training_source(spec: &JobSpec) -> Result<(SharedSource, Arc<SkippingSource<CocoSource>>), RunError> {
+    let data = match spec.data.source {
         DataSource::Synthetic => {
-            // The demo's data is a real COCO-format dataset in the run directory, read
-            // through the same pipeline as COCO itself.
             let root = PathBuf::from(&spec.job.run_dir).join("synthetic-coco");
-            let data = synth_coco::ensure_job_dataset(&spec.data, spec.job.seed, &root)?;
-            run_coco(spec, &data, device)
+            synth_coco::ensure_job_dataset(&spec.data, spec.job.seed, &root)?
         }
-        DataSource::Coco => run_coco(spec, &spec.data, device),
+        DataSource::Coco => spec.data.clone(),
+    };
+    let source = Arc::new(coco::training_source(&data)?);
+    Ok((source.clone(), source))
+}
+
+/// How the loader prepares one sample for this job.
+pub fn sample_prep(spec: &JobSpec) -> SamplePrep {
+    SamplePrep {
+        plan: CropPlan {
+            seed: spec.job.seed,
+            max_crops: spec.data.max_crops,
+        },
+        resolutions: Resolutions::of_job(spec),
     }
 }
 
-/// Trains on the COCO-format dataset `data`. Bad images are skipped, logged with their
-/// path, counted by reason and replaced deterministically; past `data.max_skip_fraction`
-/// the run fails (`data::skips`).
-fn run_coco(spec: &JobSpec, data: &DataSpec, device: Device) -> Result<RunSummary, RunError> {
-    let source = Arc::new(coco::training_source(data)?);
-    let mut summary = run(spec, device, source.clone())?;
-    summary.skips = source.counts();
-    Ok(summary)
+/// Images per forward on one of `world` trainers: `train.micro_batch_size`, or the
+/// trainer's whole share of the global batch.
+pub fn micro_batch_size(spec: &JobSpec, world: usize) -> usize {
+    let share = (spec.train.batch_size / world.max(1)).max(1);
+    spec.train.micro_batch_size.unwrap_or(share).clamp(1, share)
+}
+
+/// This trainer's samples cut into micro-batches of `micro`, each with its teachers'
+/// targets.
+pub fn targets_for(
+    trainer: &Trainer,
+    samples: Vec<crate::data::sample::Sample>,
+    micro: usize,
+) -> Result<Vec<(Batch, Targets)>, RunError> {
+    let mut micro_batches = Vec::new();
+    let mut rest = samples;
+    while !rest.is_empty() {
+        let tail = rest.split_off(micro.min(rest.len()));
+        let batch = sample::collate(std::mem::replace(&mut rest, tail))?;
+        let targets = trainer.online_targets(&batch)?;
+        micro_batches.push((batch, targets));
+    }
+    Ok(micro_batches)
 }
 
 /// The loop, over any image source (shared with the data loader's threads).
@@ -128,13 +165,7 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
         );
         resumed_from = Some(dir);
     }
-    let resolutions = Resolutions::of_job(spec);
-    let crop_plan = CropPlan {
-        seed: spec.job.seed,
-        max_crops: spec.data.max_crops,
-    };
-    let micro = spec.train.micro_batch_size.unwrap_or(batch_size).max(1);
-    let rows_per_image = trainer.rows_per_image(spec.data.vfm_resolution);
+    let micro = micro_batch_size(spec, 1);
     tracing::info!(
         "training {total} steps ({steps_per_epoch} per epoch, {} images, global batch {batch_size}, micro-batch {micro}) on {device:?}",
         source.image_count()
@@ -154,10 +185,7 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
     let mut last_saved = step;
     let mut window = (Instant::now(), 0u64);
     // Samples are prepared ahead on data.loader_threads threads, in the order's order.
-    let prep = SamplePrep {
-        plan: crop_plan,
-        resolutions,
-    };
+    let prep = sample_prep(spec);
     let batches = order
         .resume(cursor)?
         .take(total.saturating_sub(step) as usize);
@@ -172,19 +200,8 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
         debug_assert_eq!(loaded.cursor, cursor, "the loader follows the order");
         let images = loaded.indices.len() as u64;
         let samples = loaded.into_samples()?;
-        let counts = GlobalCounts {
-            crops: samples.iter().map(|s| s.grid_boxes.len() as i64).sum(),
-            rows: samples.len() as i64 * rows_per_image,
-        };
-        let mut micro_batches: Vec<(Batch, Targets)> = Vec::new();
-        let mut rest = samples;
-        while !rest.is_empty() {
-            let tail = rest.split_off(micro.min(rest.len()));
-            let batch = sample::collate(std::mem::replace(&mut rest, tail))?;
-            let targets = trainer.online_targets(&batch)?;
-            micro_batches.push((batch, targets));
-        }
-        let report = trainer.train_step(step, &micro_batches, counts)?;
+        let micro_batches = targets_for(&trainer, samples, micro)?;
+        let report = trainer.train_step(step, &micro_batches, None)?;
         step += 1;
         cursor.advance(steps_per_epoch);
         summary.steps_run += 1;
@@ -250,7 +267,7 @@ fn log_step(step: u64, total: u64, cursor: Cursor, r: &StepReport, images_per_s:
     );
 }
 
-fn save(
+pub(crate) fn save(
     trainer: &Trainer,
     spec: &JobSpec,
     root: &Path,

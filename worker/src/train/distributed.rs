@@ -1,0 +1,484 @@
+//! A trainer under a coordinator (`worker train --coordinator ADDR`), top to bottom:
+//! wait for a group, join it (communicator, checkpoint, weights from rank 0), then step
+//! in lockstep with the other ranks over this rank's slice of every global batch,
+//! reporting each step, checkpointing when rank 0 is told to, until the job's last step,
+//! a drain, an abort (then wait for the next group) or a stop.
+//!
+//! The coordinator owns the cursor: a generation starts from the checkpoint it names (or
+//! from step 0) and every rank derives the same global batches from `proto::plan`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use proto::job::JobSpec;
+use proto::plan::order::{rank_slice, Cursor, OrderPlan};
+use proto::wire::{
+    self, command, CheckpointRef, CollectiveBackend, CommitCheckpointRequest, JoinGroup,
+    WorkerReport, WorkerState,
+};
+use tch::Device;
+
+use super::checkpoint;
+use super::export;
+use super::run::{self, RunError};
+use super::trainer::{StepReport, Trainer};
+use crate::comm::{Collective, CommError, NcclCollective, RingCollective, RingListener};
+use crate::control::{Control, ControlError, ControlEvent};
+use crate::data::loader::{Loader, LoaderConfig, SharedSource};
+
+/// How long ranks wait for each other (connect, collectives) before calling a peer lost.
+pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Compare a weight checksum across ranks this often (steps).
+const CONSISTENCY_EVERY: u64 = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DistributedError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("collective: {0}")]
+    Comm(#[from] CommError),
+    #[error("the coordinator sent a job spec this worker cannot read: {0}")]
+    BadSpec(String),
+    #[error("the dataset here has {here} images but the coordinator planned {coordinator}: every process must see the same data")]
+    DatasetMismatch { here: u64, coordinator: u64 },
+}
+
+/// How this process's work ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainerExit {
+    /// The job reached its last step (and was told to stop).
+    Completed,
+    /// Drained (Ctrl-C / preemption) and stopped.
+    Drained,
+    /// The coordinator said stop.
+    Stopped,
+}
+
+/// What ended one generation.
+enum GenerationEnd {
+    Completed,
+    Drained,
+    Stopped,
+    /// Aborted by the coordinator or by a failed collective: wait for the next group.
+    Aborted(String),
+}
+
+/// The job spec the coordinator sent, checked against its hash.
+pub fn job_from_registration(r: &wire::RegisterResponse) -> Result<JobSpec, DistributedError> {
+    let spec: JobSpec =
+        toml::from_str(&r.job_toml).map_err(|e| DistributedError::BadSpec(e.to_string()))?;
+    if spec.hash_hex() != r.job_hash {
+        return Err(DistributedError::BadSpec(format!(
+            "hash {} differs from the coordinator's {} (another version of the job schema?)",
+            spec.hash_hex(),
+            r.job_hash
+        )));
+    }
+    Ok(spec)
+}
+
+/// Serves groups until the job completes, drains, or the coordinator says stop.
+pub fn run_trainer(
+    control: &Control,
+    spec: &JobSpec,
+    device: Device,
+    listener: &RingListener,
+) -> Result<TrainerExit, DistributedError> {
+    let (source, _skips) = run::open_training_source(spec)?;
+    let here = source.image_count() as u64;
+    if here != control.registration.image_count {
+        return Err(DistributedError::DatasetMismatch {
+            here,
+            coordinator: control.registration.image_count,
+        });
+    }
+    let mut trainer: Option<Trainer> = None;
+    loop {
+        report_state(control, WorkerState::Idle, 0, None);
+        let join = match wait_for_join(control)? {
+            Some(join) => join,
+            None => return Ok(TrainerExit::Stopped),
+        };
+        tracing::info!(
+            "joining generation {} as rank {}/{} (resume: {})",
+            join.generation,
+            join.rank,
+            join.world_size,
+            join.resume
+                .as_ref()
+                .map_or("none".to_string(), |c| format!("step {} at {}", c.step, c.path))
+        );
+        match run_generation(control, spec, device, listener, &join, &source, &mut trainer) {
+            Ok(GenerationEnd::Completed) => return Ok(TrainerExit::Completed),
+            Ok(GenerationEnd::Drained) => return Ok(TrainerExit::Drained),
+            Ok(GenerationEnd::Stopped) => return Ok(TrainerExit::Stopped),
+            Ok(GenerationEnd::Aborted(why)) => {
+                tracing::warn!("generation {} aborted: {why}", join.generation);
+            }
+            Err(DistributedError::Comm(err)) => {
+                // A failed peer or an abort: the coordinator forms a new generation.
+                tracing::warn!("generation {} failed in a collective: {err}", join.generation);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Blocks until the coordinator sends a group (`Some`) or says stop (`None`).
+fn wait_for_join(control: &Control) -> Result<Option<JoinGroup>, DistributedError> {
+    loop {
+        match control.next_event(Duration::from_secs(3600)) {
+            Some(ControlEvent::Command(command::Kind::Join(join))) => return Ok(Some(join)),
+            Some(ControlEvent::Command(command::Kind::Stop(stop))) => {
+                tracing::info!("coordinator says stop: {}", stop.reason);
+                return Ok(None);
+            }
+            Some(ControlEvent::Command(other)) => {
+                tracing::debug!("ignoring {other:?} while waiting for a group");
+            }
+            Some(ControlEvent::Lost(err)) => return Err(err.into()),
+            None => {}
+        }
+    }
+}
+
+/// Commands that arrived during a generation, applied between steps.
+#[derive(Default)]
+struct Pending {
+    checkpoint_at: Option<u64>,
+    drain_at: Option<u64>,
+    end: Option<GenerationEnd>,
+}
+
+fn poll_commands(control: &Control, generation: u64, pending: &mut Pending) -> Result<(), DistributedError> {
+    while let Some(event) = control.poll_event() {
+        match event {
+            ControlEvent::Command(command::Kind::Checkpoint(c)) if c.generation == generation => {
+                pending.checkpoint_at = Some(c.step);
+            }
+            ControlEvent::Command(command::Kind::Drain(d)) if d.generation == generation => {
+                pending.drain_at = Some(d.stop_step);
+            }
+            ControlEvent::Command(command::Kind::Abort(a)) if a.generation == generation => {
+                pending.end = Some(GenerationEnd::Aborted(a.reason));
+            }
+            ControlEvent::Command(command::Kind::Stop(s)) => {
+                tracing::info!("coordinator says stop: {}", s.reason);
+                pending.end = Some(GenerationEnd::Stopped);
+            }
+            ControlEvent::Command(other) => tracing::debug!("ignoring stale {other:?}"),
+            ControlEvent::Lost(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+fn connect_collective(
+    control: &Control,
+    join: &JoinGroup,
+    device: Device,
+    listener: &RingListener,
+) -> Result<Box<dyn Collective>, DistributedError> {
+    let (rank, world) = (join.rank as usize, join.world_size as usize);
+    match join.backend() {
+        CollectiveBackend::Nccl => {
+            let ordinal = match device {
+                Device::Cuda(i) => i,
+                _ => 0,
+            };
+            let id = if rank == 0 {
+                let id = NcclCollective::unique_id()?;
+                let mut report = control.last_report();
+                report.nccl_unique_id = id.clone();
+                report.generation = join.generation;
+                control.report(report);
+                id
+            } else {
+                wait_for_nccl_id(control, join.generation)?
+            };
+            Ok(Box::new(NcclCollective::new(&id, rank, world, ordinal, COLLECTIVE_TIMEOUT)?))
+        }
+        _ => Ok(Box::new(RingCollective::connect(
+            listener,
+            join.generation,
+            rank,
+            &join.ring_peers,
+            COLLECTIVE_TIMEOUT,
+        )?)),
+    }
+}
+
+fn wait_for_nccl_id(control: &Control, generation: u64) -> Result<Vec<u8>, DistributedError> {
+    let deadline = Instant::now() + COLLECTIVE_TIMEOUT;
+    while Instant::now() < deadline {
+        match control.next_event(Duration::from_millis(200)) {
+            Some(ControlEvent::Command(command::Kind::NcclId(id))) if id.generation == generation => {
+                return Ok(id.unique_id)
+            }
+            Some(ControlEvent::Lost(err)) => return Err(err.into()),
+            Some(ControlEvent::Command(command::Kind::Abort(a))) if a.generation == generation => {
+                return Err(CommError::Aborted.into())
+            }
+            _ => {}
+        }
+    }
+    Err(CommError::Timeout("waiting for the NCCL unique id of rank 0".into()).into())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_generation(
+    control: &Control,
+    spec: &JobSpec,
+    device: Device,
+    listener: &RingListener,
+    join: &JoinGroup,
+    source: &SharedSource,
+    slot: &mut Option<Trainer>,
+) -> Result<GenerationEnd, DistributedError> {
+    let generation = join.generation;
+    let (rank, world) = (join.rank as usize, join.world_size as usize);
+    report_state(control, WorkerState::Joining, generation, None);
+    let mut comm = connect_collective(control, join, device, listener)?;
+    let abort = comm.abort_handle();
+    control.set_abort_hook(Some(Box::new(move |g| {
+        if g == generation || g == u64::MAX {
+            abort.abort();
+        }
+    })));
+
+    let total = join.total_steps;
+    let trainer = prepare_trainer(slot, spec, device, total, join.resume.as_ref())?;
+    let mut step = join.resume.as_ref().map_or(0, |c| c.step);
+    trainer.broadcast_weights(comm.as_mut()).map_err(RunError::from)?;
+    trainer.check_consistency(comm.as_mut(), step).map_err(RunError::from)?;
+
+    let order = OrderPlan::new(spec.job.seed, source.image_count(), spec.train.batch_size)
+        .map_err(RunError::from)?;
+    let steps_per_epoch = order.steps_per_epoch();
+    let mut cursor = Cursor::from_global_step(step, steps_per_epoch).map_err(RunError::from)?;
+    let feed = order
+        .resume(cursor)
+        .map_err(RunError::from)?
+        .take(total.saturating_sub(step) as usize)
+        .map(move |(cursor, global)| {
+            // The loader prepares only this rank's slice; validation guarantees W | B.
+            let mine = rank_slice(&global, rank, world).map(|s| s.to_vec()).unwrap_or_default();
+            (cursor, mine)
+        });
+    let prep = run::sample_prep(spec);
+    let mut loader = Loader::new(
+        LoaderConfig::from_spec(&spec.data),
+        source.clone(),
+        prep,
+        Box::new(feed),
+    )
+    .map_err(RunError::from)?;
+
+    let run_dir = PathBuf::from(&spec.job.run_dir);
+    let ckpt_root = run_dir.join("checkpoints");
+    let micro = run::micro_batch_size(spec, world);
+    let mut pending = Pending::default();
+    let mut images_total = 0u64;
+    let result = loop {
+        poll_commands(control, generation, &mut pending)?;
+        if let Some(end) = pending.end.take() {
+            break end;
+        }
+        if step >= total {
+            if rank == 0 {
+                commit(control, generation, spec, trainer, &ckpt_root, step, cursor, total, None)?;
+                let path = run_dir.join("exports").join("final.safetensors");
+                export::write_atomic(&path, &trainer.merged_export(spec.export.alpha).map_err(RunError::from)?)
+                    .map_err(RunError::from)?;
+                tracing::info!("job done at step {step}: exported {}", path.display());
+            }
+            report_state(control, WorkerState::Done, generation, Some(step));
+            wait_for_stop(control);
+            break GenerationEnd::Completed;
+        }
+        let waited = Instant::now();
+        let loaded = loader.next_batch().ok_or(RunError::LoaderEnded(step))?;
+        let data_wait = waited.elapsed().as_secs_f64();
+        let images = loaded.indices.len() as u64 * world as u64;
+        let samples = loaded.into_samples().map_err(RunError::from)?;
+        let micro_batches = run::targets_for(trainer, samples, micro)?;
+        let started = Instant::now();
+        let report = trainer
+            .train_step(step, &micro_batches, Some(comm.as_mut()))
+            .map_err(RunError::from)?;
+        step += 1;
+        cursor.advance(steps_per_epoch);
+        images_total += images / world as u64;
+        if step % CONSISTENCY_EVERY == 0 {
+            trainer.check_consistency(comm.as_mut(), step).map_err(RunError::from)?;
+        }
+        let elapsed = started.elapsed().as_secs_f64() + data_wait;
+        publish_step(control, generation, step, cursor, &report, comm.sequence(), images, elapsed, data_wait, images_total);
+        if step % spec.train.log_every == 0 || step == total {
+            tracing::info!(
+                "gen {generation} rank {rank}: step {step}/{total} epoch {} loss {:.4} ({:.1} img/s)",
+                cursor.epoch,
+                report.total,
+                images as f64 / elapsed.max(1e-9)
+            );
+        }
+        if rank == 0 && cursor.step == 0 && step < total {
+            let path = run_dir
+                .join("exports")
+                .join(format!("epoch-{:04}.safetensors", cursor.epoch));
+            export::write_atomic(&path, &trainer.merged_export(spec.export.alpha).map_err(RunError::from)?)
+                .map_err(RunError::from)?;
+        }
+        if rank == 0 && pending.checkpoint_at.is_some_and(|at| step >= at) {
+            pending.checkpoint_at = None;
+            commit(control, generation, spec, trainer, &ckpt_root, step, cursor, total, Some(report.total))?;
+        }
+        if pending.drain_at.is_some_and(|at| step >= at) {
+            if rank == 0 {
+                commit(control, generation, spec, trainer, &ckpt_root, step, cursor, total, Some(report.total))?;
+            }
+            report_state(control, WorkerState::Drained, generation, Some(step));
+            wait_for_stop(control);
+            break GenerationEnd::Drained;
+        }
+    };
+    control.set_abort_hook(None);
+    Ok(result)
+}
+
+/// The trainer for a new generation: restored from `resume`, or fresh when the job
+/// starts from step 0 (a trainer that already stepped in an aborted generation is
+/// rebuilt: its weights are no longer the initial ones).
+fn prepare_trainer<'a>(
+    slot: &'a mut Option<Trainer>,
+    spec: &JobSpec,
+    device: Device,
+    total: u64,
+    resume: Option<&CheckpointRef>,
+) -> Result<&'a mut Trainer, DistributedError> {
+    let stale = slot.as_ref().is_some_and(|t| t.optimizer.step > 0);
+    if slot.is_none() || (resume.is_none() && stale) {
+        *slot = Some(Trainer::new(spec, device, total).map_err(RunError::from)?);
+    }
+    let Some(trainer) = slot.as_mut() else {
+        unreachable!("just filled")
+    };
+    if let Some(c) = resume {
+        let ckpt = checkpoint::load(Path::new(&c.path)).map_err(RunError::from)?;
+        if ckpt.state.config_hash != spec.hash_hex() {
+            return Err(RunError::ConfigChanged {
+                dir: PathBuf::from(&c.path),
+                found: ckpt.state.config_hash,
+                expected: spec.hash_hex(),
+            }
+            .into());
+        }
+        trainer
+            .restore(&ckpt.state, &ckpt.student, &ckpt.optimizer)
+            .map_err(RunError::from)?;
+    }
+    Ok(trainer)
+}
+
+/// Rank 0: writes a checkpoint and asks the coordinator to commit it.
+#[allow(clippy::too_many_arguments)]
+fn commit(
+    control: &Control,
+    generation: u64,
+    spec: &JobSpec,
+    trainer: &Trainer,
+    root: &Path,
+    step: u64,
+    cursor: Cursor,
+    total: u64,
+    last_loss: Option<f64>,
+) -> Result<(), DistributedError> {
+    report_state(control, WorkerState::Checkpointing, generation, Some(step));
+    let dir = run::save(trainer, spec, root, step, cursor, total, last_loss.unwrap_or(f64::NAN))?;
+    let checksum = checkpoint::state_checksum(&dir).map_err(RunError::from)?;
+    let request = CommitCheckpointRequest {
+        worker_id: control.worker_id().to_string(),
+        generation,
+        checkpoint: Some(CheckpointRef {
+            step,
+            path: dir.display().to_string(),
+            checksum,
+            epoch: cursor.epoch as u64,
+            epoch_step: cursor.step,
+        }),
+    };
+    let answer = control.call("CommitCheckpoint", |mut c| {
+        let request = request.clone();
+        async move { c.commit_checkpoint(request).await }
+    })?;
+    if !answer.accepted {
+        tracing::warn!("coordinator did not accept checkpoint {}", dir.display());
+    }
+    Ok(())
+}
+
+fn wait_for_stop(control: &Control) {
+    loop {
+        match control.next_event(Duration::from_secs(60)) {
+            Some(ControlEvent::Command(command::Kind::Stop(_))) | Some(ControlEvent::Lost(_)) => return,
+            _ => {}
+        }
+    }
+}
+
+fn report_state(control: &Control, state: WorkerState, generation: u64, step: Option<u64>) {
+    let mut report = control.last_report();
+    report.state = state as i32;
+    report.generation = generation;
+    if let Some(step) = step {
+        report.step = step;
+    }
+    if state != WorkerState::Joining {
+        report.nccl_unique_id.clear();
+    }
+    control.report(report);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn publish_step(
+    control: &Control,
+    generation: u64,
+    step: u64,
+    cursor: Cursor,
+    r: &StepReport,
+    sequence: u64,
+    images: u64,
+    elapsed: f64,
+    data_wait: f64,
+    images_total: u64,
+) {
+    control.report(WorkerReport {
+        worker_id: String::new(),
+        state: WorkerState::Training as i32,
+        generation,
+        step,
+        epoch: cursor.epoch as u64,
+        losses: Some(wire::Losses {
+            content: r.content,
+            context: r.context,
+            total: r.total,
+        }),
+        images_per_s: images as f64 / elapsed.max(1e-9),
+        step_times: Some(wire::StepTimes {
+            data_wait,
+            forward: r.times.forward_s,
+            backward: r.times.backward_s,
+            all_reduce: r.times.all_reduce_s,
+            optimizer: r.times.optimizer_s,
+            total: elapsed,
+        }),
+        collective_seq: sequence,
+        memory_bytes: crate::runtime::resident_bytes(),
+        images_total,
+        learning_rate: r.lr,
+        ..Default::default()
+    });
+}
