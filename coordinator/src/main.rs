@@ -1,12 +1,17 @@
 //! `coordinator`: the DeCLIP control plane. It never links libtorch.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use coordinator::{auth, status_view, ServeOptions, ServerTls};
 use proto::cli::{self, ConfigArgs, LogArgs, EXIT_CONFIG};
+use proto::client::{self, ClientTls};
+use proto::wire::{JobPhase, StatusRequest};
 
-/// Coordinates a DeCLIP training job: validates the job config, and (as the
-/// corresponding features land) schedules teachers and trainers.
+/// Coordinates a DeCLIP training job: validates the job config, serves the control
+/// protocol to trainers and teachers, and reports the job's status.
 #[derive(Parser, Debug)]
 #[command(name = "coordinator", version, about, long_about = None)]
 struct Cli {
@@ -23,6 +28,33 @@ enum Command {
     Validate {
         #[command(flatten)]
         config: ConfigArgs,
+    },
+    /// Serve the control protocol for one job until it completes, stops or fails.
+    /// The token comes from DECLIP_TOKEN or coordinator.token_file. Ctrl-C drains.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Resume the job journaled in RUN_DIR (default: job.run_dir of the config).
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
+        /// gRPC listen address (default: coordinator.listen).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Show the job's phase, world, ranks, teachers and checkpoints.
+    Status {
+        /// The coordinator's address (IP:port or URI).
+        #[arg(long, value_name = "ADDR")]
+        addr: String,
+        /// Keep printing as the status changes.
+        #[arg(long)]
+        watch: bool,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// File with the job token (default: DECLIP_TOKEN).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -41,7 +73,25 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { config } => Ok(validate(&config)),
+        Command::Serve {
+            config,
+            resume,
+            listen,
+        } => runtime()?.block_on(serve(config, resume, listen)),
+        Command::Status {
+            addr,
+            watch,
+            json,
+            token_file,
+        } => runtime()?.block_on(status(&addr, watch, json, token_file)),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn validate(config: &ConfigArgs) -> ExitCode {
@@ -55,4 +105,107 @@ fn validate(config: &ConfigArgs) -> ExitCode {
     );
     print!("{}", loaded.spec.to_toml());
     ExitCode::SUCCESS
+}
+
+async fn serve(
+    config: ConfigArgs,
+    resume: Option<PathBuf>,
+    listen: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let Some(loaded) = config.load_or_report() else {
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    };
+    let spec = loaded.spec;
+    let token = auth::resolve_token(
+        std::env::var(proto::auth::TOKEN_ENV).ok(),
+        spec.coordinator
+            .token_file
+            .as_deref()
+            .map(std::path::Path::new),
+    )?;
+    let opts = ServeOptions {
+        listen: listen.unwrap_or_else(|| spec.coordinator.listen.clone()),
+        run_dir: resume
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&spec.job.run_dir)),
+        token,
+        resume: resume.is_some(),
+        tls: ServerTls::from_spec(&spec.coordinator),
+    };
+    let running = coordinator::start(spec, opts).await?;
+    let drainer = running.subscribe();
+    let core_drain = {
+        // Ctrl-C drains once; a second Ctrl-C exits at once.
+        let status = drainer.clone();
+        async move {
+            let _ = tokio::signal::ctrl_c().await;
+            status
+        }
+    };
+    tokio::pin!(core_drain);
+    let finished = running_finished(running, &mut core_drain).await?;
+    Ok(match finished {
+        JobPhase::Completed | JobPhase::Stopped => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
+}
+
+/// Waits for the job to finish, draining it on the first Ctrl-C.
+async fn running_finished<F>(
+    running: coordinator::Running,
+    ctrl_c: &mut std::pin::Pin<&mut F>,
+) -> anyhow::Result<JobPhase>
+where
+    F: std::future::Future,
+{
+    let mut status = running.subscribe();
+    tokio::select! {
+        _ = ctrl_c.as_mut() => {
+            tracing::info!("Ctrl-C: draining (press again to exit at once)");
+            running.drain("Ctrl-C");
+        }
+        _ = status.wait_for(|s| coordinator::service::is_terminal(s.phase)) => {}
+    }
+    tokio::select! {
+        phase = running.finished() => phase,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted twice; exiting without a drain"),
+    }
+}
+
+async fn status(
+    addr: &str,
+    watch: bool,
+    json: bool,
+    token_file: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let token = auth::resolve_token(
+        std::env::var(proto::auth::TOKEN_ENV).ok(),
+        token_file.as_deref(),
+    )?;
+    let tls = ClientTls::from_env();
+    let mut client = client::connect(addr, Some(&token), tls.as_ref()).await?;
+    let show = |s: &proto::wire::JobStatus| {
+        if json {
+            println!("{}", status_view::to_json(s));
+        } else {
+            println!("{}", status_view::table(s));
+        }
+    };
+    if !watch {
+        let s = client.status(StatusRequest {}).await?.into_inner();
+        show(&s);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut stream = client.watch_status(StatusRequest {}).await?.into_inner();
+    while let Some(s) = stream.message().await? {
+        if !json {
+            // Clear the screen and home the cursor (ANSI) so the table updates in place.
+            print!("\x1b[2J\x1b[H");
+        }
+        show(&s);
+        if coordinator::service::is_terminal(s.phase) {
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

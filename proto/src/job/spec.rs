@@ -365,6 +365,8 @@ pub struct TeachersSpec {
     pub count: usize,
     /// `auto`, `cpu` or `cuda:N`.
     pub device: String,
+    /// Seconds a shard lease lasts without a renewal; teachers renew at a third of it.
+    pub lease_s: u64,
 }
 
 impl Default for TeachersSpec {
@@ -373,6 +375,7 @@ impl Default for TeachersSpec {
             mode: TeacherMode::Cache,
             count: 1,
             device: "auto".into(),
+            lease_s: 30,
         }
     }
 }
@@ -384,6 +387,15 @@ pub struct CoordinatorSpec {
     pub listen: String,
     /// Prometheus `/metrics` port; 0 picks one and reports it.
     pub metrics_port: u16,
+    /// File holding the job's bearer token (used when `DECLIP_TOKEN` is not set).
+    pub token_file: Option<String>,
+    /// TLS: the server certificate chain and its private key (PEM). Both or neither.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    /// mTLS: CA (PEM) that must have signed every client's certificate. Needs TLS.
+    pub client_ca: Option<String>,
+    /// A worker silent for this many seconds is lost (workers report at least every 2 s).
+    pub heartbeat_timeout_s: u64,
 }
 
 impl Default for CoordinatorSpec {
@@ -391,6 +403,11 @@ impl Default for CoordinatorSpec {
         Self {
             listen: "127.0.0.1:0".into(),
             metrics_port: 0,
+            token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            heartbeat_timeout_s: 30,
         }
     }
 }

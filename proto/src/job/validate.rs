@@ -346,6 +346,45 @@ fn check_world(spec: &JobSpec, v: &mut Checks) {
     if spec.teachers.mode == TeacherMode::Cache {
         v.at_least("teachers.count", spec.teachers.count, 1);
     }
+    check_coordinator(spec, v);
+}
+
+fn check_coordinator(spec: &JobSpec, v: &mut Checks) {
+    let c = &spec.coordinator;
+    v.require(
+        c.tls_cert.is_some() == c.tls_key.is_some(),
+        "coordinator.tls_cert",
+        format!("{:?}", c.tls_cert),
+        "set together with coordinator.tls_key (a certificate and its private key)",
+    );
+    v.require(
+        c.client_ca.is_none() || c.tls_cert.is_some(),
+        "coordinator.client_ca",
+        format!("{:?}", c.client_ca),
+        "only with coordinator.tls_cert and tls_key (mTLS needs TLS)",
+    );
+    for (key, path) in [
+        ("coordinator.token_file", &c.token_file),
+        ("coordinator.tls_cert", &c.tls_cert),
+        ("coordinator.tls_key", &c.tls_key),
+        ("coordinator.client_ca", &c.client_ca),
+    ] {
+        if let Some(path) = path {
+            v.require(!path.trim().is_empty(), key, "\"\"", "a file path");
+        }
+    }
+    v.require(
+        (1..=3600).contains(&c.heartbeat_timeout_s),
+        "coordinator.heartbeat_timeout_s",
+        c.heartbeat_timeout_s,
+        "an integer in 1..=3600 (workers report at least every 2 s)",
+    );
+    v.require(
+        (3..=3600).contains(&spec.teachers.lease_s),
+        "teachers.lease_s",
+        spec.teachers.lease_s,
+        "an integer in 3..=3600 (teachers renew at a third of it)",
+    );
     v.require(
         spec.coordinator.listen.parse::<SocketAddr>().is_ok(),
         "coordinator.listen",

@@ -6,8 +6,10 @@
 //! reads the same annotations and sees the same image folder derives the same index, and
 //! its [`DatasetIndex::fingerprint`] lets them check that cheaply.
 //!
-//! Reading the annotations lives in the worker (`worker::data::coco`); this module holds
-//! only what processes must agree on.
+//! [`coco`] reads a COCO dataset's annotations into the index (the coordinator counts the
+//! images with it; the worker's `data::coco` adds image loading on top).
+
+pub mod coco;
 
 use std::collections::BTreeMap;
 use std::fmt;

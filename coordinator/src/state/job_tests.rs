@@ -1,0 +1,228 @@
+use super::*;
+
+fn spec() -> JobSpec {
+    let mut spec = proto::job::load(
+        &proto::job::DEMO_CONFIG,
+        std::iter::empty::<(String, String)>(),
+        &[
+            "trainers.min=1".to_string(),
+            "trainers.max=2".to_string(),
+            "trainers.join_wait_s=10".to_string(),
+            "checkpoint.every_steps=4".to_string(),
+            "train.max_steps=10".to_string(),
+        ],
+    )
+    .unwrap()
+    .spec;
+    spec.teachers.lease_s = 30;
+    spec
+}
+
+fn state(now: Instant) -> JobState {
+    let cfg = JobConfig::from_spec(&spec(), 96).unwrap();
+    JobState::new(cfg, None, now).unwrap()
+}
+
+fn trainer(s: &mut JobState, port: u16, now: Instant) -> (String, u64) {
+    let resp = s
+        .register(
+            &RegisterRequest {
+                protocol_version: proto::PROTOCOL_VERSION,
+                role: Role::Trainer as i32,
+                host: "h".into(),
+                devices: vec!["cpu".into()],
+                ring_address: format!("127.0.0.1:{port}"),
+                rank_hint: -1,
+                ..Default::default()
+            },
+            now,
+        )
+        .unwrap();
+    let session = s.attach(&resp.worker_id, now).unwrap();
+    (resp.worker_id, session)
+}
+
+fn report(id: &str, state: WorkerState, generation: u64, step: u64) -> WorkerReport {
+    WorkerReport {
+        worker_id: id.into(),
+        state: state as i32,
+        generation,
+        step,
+        ..Default::default()
+    }
+}
+
+fn joins(out: &[Outgoing]) -> Vec<(String, JoinGroup)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Outgoing::Send(
+                id,
+                Command {
+                    kind: Some(command::Kind::Join(j)),
+                },
+            ) => Some((id.clone(), j.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ckpt_req(id: &str, generation: u64, step: u64) -> CommitCheckpointRequest {
+    CommitCheckpointRequest {
+        worker_id: id.into(),
+        generation,
+        checkpoint: Some(CheckpointRef {
+            step,
+            path: format!("checkpoints/step-{step}"),
+            checksum: "c".repeat(64),
+            epoch: 0,
+            epoch_step: step,
+        }),
+    }
+}
+
+#[test]
+fn total_steps_and_checkpoint_steps() {
+    let cfg = JobConfig::from_spec(&spec(), 96).unwrap();
+    // 96 images / batch 4 = 24 steps per epoch, 4 epochs, capped at 10.
+    assert_eq!(cfg.total_steps, 10);
+    assert_eq!(cfg.next_checkpoint(0), Some(4));
+    assert_eq!(cfg.next_checkpoint(4), Some(8));
+    assert_eq!(cfg.next_checkpoint(9), Some(10));
+    assert_eq!(cfg.next_checkpoint(10), None);
+}
+
+#[test]
+fn a_world_forms_at_max_or_at_min_after_the_wait() {
+    let t0 = Instant::now();
+    let mut s = state(t0);
+    let (a, sa) = trainer(&mut s, 7001, t0);
+    let out = s
+        .report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    assert!(joins(&out).is_empty(), "one of max 2 before the wait");
+    assert!(joins(&s.tick(t0 + Duration::from_secs(5)).unwrap()).is_empty());
+    let out = s.tick(t0 + Duration::from_secs(11)).unwrap();
+    let j = joins(&out);
+    assert_eq!(j.len(), 1);
+    assert_eq!(j[0].1.world_size, 1);
+    assert_eq!(j[0].1.generation, 1);
+    assert_eq!(j[0].1.backend, CollectiveBackend::Ring as i32);
+    assert_eq!(j[0].1.ring_peers, ["127.0.0.1:7001"]);
+    assert!(j[0].1.resume.is_none());
+    assert_eq!(s.phase(), JobPhase::Training);
+    assert!(out.contains(&Outgoing::Send(
+        a.clone(),
+        command(command::Kind::Checkpoint(CheckpointAt {
+            generation: 1,
+            step: 4
+        }))
+    )));
+}
+
+#[test]
+fn a_lost_member_aborts_the_generation_and_the_next_resumes_from_the_checkpoint() {
+    let t0 = Instant::now();
+    let mut s = state(t0);
+    let (a, sa) = trainer(&mut s, 7001, t0);
+    let (b, sb) = trainer(&mut s, 7002, t0);
+    s.report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    let out = s
+        .report(&b, sb, report(&b, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    let j = joins(&out);
+    assert_eq!(j.len(), 2);
+    assert_eq!(j[1].1.ring_peers, ["127.0.0.1:7001", "127.0.0.1:7002"]);
+    s.report(&a, sa, report(&a, WorkerState::Training, 1, 4), t0)
+        .unwrap();
+    s.commit_checkpoint(&ckpt_req(&a, 1, 4)).unwrap();
+    // Only rank 0 commits; a step no one reported is refused.
+    assert!(s.commit_checkpoint(&ckpt_req(&b, 1, 4)).is_err());
+    assert!(s.commit_checkpoint(&ckpt_req(&a, 1, 8)).is_err());
+    let out = s.detach(&b, sb, t0).unwrap();
+    assert!(out.contains(&Outgoing::Send(
+        a.clone(),
+        command(command::Kind::Abort(AbortGroup {
+            generation: 1,
+            reason: format!("{b} lost: stream closed")
+        }))
+    )));
+    assert_eq!(s.phase(), JobPhase::Recovering);
+    let out = s
+        .report(&a, sa, report(&a, WorkerState::Idle, 1, 4), t0)
+        .unwrap();
+    assert!(joins(&out).is_empty(), "waits for the join wait");
+    let out = s.tick(t0 + Duration::from_secs(11)).unwrap();
+    let j = joins(&out);
+    assert_eq!(j.len(), 1);
+    assert_eq!(j[0].1.generation, 2);
+    assert_eq!(j[0].1.resume.as_ref().map(|r| r.step), Some(4));
+}
+
+#[test]
+fn completion_needs_the_final_commit_and_done() {
+    let t0 = Instant::now();
+    let mut s = state(t0);
+    let (a, sa) = trainer(&mut s, 7001, t0);
+    s.report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    s.tick(t0 + Duration::from_secs(11)).unwrap();
+    s.report(&a, sa, report(&a, WorkerState::Done, 1, 10), t0)
+        .unwrap();
+    assert_eq!(s.phase(), JobPhase::Training);
+    let out = s.commit_checkpoint(&ckpt_req(&a, 1, 10)).unwrap();
+    assert_eq!(s.phase(), JobPhase::Completed);
+    assert!(out.contains(&Outgoing::Close(a.clone())));
+    assert!(s.is_finished());
+}
+
+#[test]
+fn a_drain_stops_after_the_stop_step_is_committed_and_members_drained() {
+    let t0 = Instant::now();
+    let mut s = state(t0);
+    let (a, sa) = trainer(&mut s, 7001, t0);
+    s.report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    s.tick(t0 + Duration::from_secs(11)).unwrap();
+    s.report(&a, sa, report(&a, WorkerState::Training, 1, 2), t0)
+        .unwrap();
+    let out = s.drain("ctrl-c").unwrap();
+    assert_eq!(
+        out,
+        vec![Outgoing::Send(
+            a.clone(),
+            command(command::Kind::Drain(Drain {
+                generation: 1,
+                stop_step: 3
+            }))
+        )]
+    );
+    s.report(&a, sa, report(&a, WorkerState::Training, 1, 3), t0)
+        .unwrap();
+    s.commit_checkpoint(&ckpt_req(&a, 1, 3)).unwrap();
+    assert_eq!(s.phase(), JobPhase::Draining);
+    s.report(&a, sa, report(&a, WorkerState::Drained, 1, 3), t0)
+        .unwrap();
+    assert_eq!(s.phase(), JobPhase::Stopped);
+}
+
+#[test]
+fn a_silent_worker_is_lost_after_the_heartbeat_timeout() {
+    let t0 = Instant::now();
+    let mut s = state(t0);
+    let (a, sa) = trainer(&mut s, 7001, t0);
+    s.report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    s.tick(t0 + Duration::from_secs(11)).unwrap();
+    s.report(
+        &a,
+        sa,
+        report(&a, WorkerState::Training, 1, 1),
+        t0 + Duration::from_secs(11),
+    )
+    .unwrap();
+    let out = s.tick(t0 + Duration::from_secs(50)).unwrap();
+    assert!(out.contains(&Outgoing::Close(a.clone())));
+    assert_eq!(s.phase(), JobPhase::Recovering);
+    assert!(s.worker(&a).unwrap().session.is_none());
+}
