@@ -41,6 +41,20 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
     },
+    /// Run the whole job on this machine: the coordinator in this process, teachers and
+    /// trainers as child processes (a log file each under job.run_dir/logs), with
+    /// progress, restarts and a summary. Ctrl-C drains (checkpoint at the next step).
+    /// Without --config it runs the embedded demo job.
+    Launch {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Continue the job journaled in job.run_dir instead of starting a new one.
+        #[arg(long)]
+        resume: bool,
+        /// The worker binary (default: `worker` next to this executable, or DECLIP_WORKER_BIN).
+        #[arg(long, value_name = "FILE")]
+        worker_bin: Option<PathBuf>,
+    },
     /// Show the job's phase, world, ranks, teachers and checkpoints.
     Status {
         /// The coordinator's address (IP:port or URI).
@@ -78,6 +92,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resume,
             listen,
         } => runtime()?.block_on(serve(config, resume, listen)),
+        Command::Launch {
+            config,
+            resume,
+            worker_bin,
+        } => {
+            let Some(loaded) = config.load_or_report() else {
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            };
+            runtime()?.block_on(coordinator::launch::launch(coordinator::launch::LaunchArgs {
+                spec: loaded.spec,
+                source: loaded.source,
+                resume,
+                worker_bin,
+            }))
+        }
         Command::Status {
             addr,
             watch,

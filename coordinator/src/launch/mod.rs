@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 pub use progress::{bytes, duration, phase_name, plain_line};
 use supervisor::{RestartPolicy, Slot, SlotEnd, SlotRole, Supervisor};
 
-use crate::serve::{self, ServeOptions};
+use crate::{ServeOptions, ServerTls};
 
 /// How long workers get to leave on their own after the coordinator told them to stop.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(30);
@@ -47,14 +47,14 @@ pub async fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
         _ => generate_token()?,
     };
-    let running = serve::start(
+    let running = crate::start(
         spec.clone(),
         ServeOptions {
             listen: spec.coordinator.listen.clone(),
             run_dir: run_dir.clone(),
             token: token.clone(),
             resume: args.resume,
-            tls: crate::tls::ServerTls::from_spec(&spec.coordinator)?,
+            tls: ServerTls::from_spec(&spec.coordinator),
         },
     )
     .await

@@ -140,17 +140,9 @@ pub fn plain_line(s: &JobStatus) -> String {
     line
 }
 
-pub fn phase_name(phase: JobPhase) -> &'static str {
-    match phase {
-        JobPhase::Unspecified => "starting",
-        JobPhase::Forming => "forming",
-        JobPhase::Training => "training",
-        JobPhase::Recovering => "recovering",
-        JobPhase::Draining => "draining",
-        JobPhase::Completed => "completed",
-        JobPhase::Failed => "failed",
-        JobPhase::Stopped => "stopped",
-    }
+/// `training` for `JOB_PHASE_TRAINING` (lower case reads better in progress lines).
+pub fn phase_name(phase: JobPhase) -> String {
+    crate::state::job::phase_name(phase).to_lowercase()
 }
 
 pub fn duration(secs: f64) -> String {
@@ -215,6 +207,7 @@ mod tests {
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(3 * 1024 * 1024 / 2), "1.5 MiB");
         assert_eq!(duration(59.4), "59s");
-        assert_eq!(duration(3725.0), "1h02m");
+        assert_eq!(duration(3725.0), "62m05s");
+        assert_eq!(duration(7325.0), "2h02m");
     }
 }

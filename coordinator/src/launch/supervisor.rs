@@ -99,8 +99,8 @@ impl Supervisor {
             self.track(&slot, child.id()).await;
             let status = tokio::select! {
                 status = child.wait() => status,
-                _ = stopping.wait_for(|s| *s) => {
-                    // stop_all signals every child; here we only reap ours.
+                _ = stopped(&mut stopping) => {
+                    // signal_role signals every child; here we only reap ours.
                     let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
                     let _ = child.kill().await;
                     return SlotEnd::Stopped;
@@ -138,7 +138,7 @@ impl Supervisor {
             );
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
-                _ = stopping.wait_for(|s| *s) => return SlotEnd::Stopped,
+                _ = stopped(&mut stopping) => return SlotEnd::Stopped,
             }
         }
     }
@@ -188,6 +188,11 @@ impl Supervisor {
     pub fn stop_restarting(&self) {
         self.stopping.send_replace(true);
     }
+}
+
+/// Resolves once the launcher stops (the watch guard is not held across awaits).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
