@@ -71,6 +71,9 @@ pub const JOB_PHASES: [&str; 7] = [
 /// Environment variable a worker reads its `/metrics` listen address from
 /// (`host:port`, port 0 = pick one); the Kubernetes manifests set it.
 pub const METRICS_LISTEN_ENV: &str = "DECLIP_METRICS_LISTEN";
+/// Environment variable that overrides the `host` label (default: the host name).
+/// The manifests set it to the node name, which the DCGM exporter's `Hostname` holds.
+pub const HOST_ENV: &str = "DECLIP_HOST";
 
 // ---- metric names -----------------------------------------------------------------
 
