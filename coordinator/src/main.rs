@@ -1,5 +1,7 @@
 //! `coordinator`: the DeCLIP control plane. It never links libtorch.
 
+mod manifests;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +26,9 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Print the Kubernetes objects that run this job (multi-document YAML), rendered
+    /// from the same resolved config as `launch`. See docs/kubernetes.md.
+    Manifests(manifests::ManifestsArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +46,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { config } => Ok(validate(&config)),
+        Command::Manifests(args) => manifests::command(args),
     }
 }
 
