@@ -475,6 +475,48 @@ pub fn install_exporter(
     Ok(addr)
 }
 
+/// [`install_exporter`] with this process's global labels (see [`global_labels`]),
+/// then [`describe`] for `role`: the one call each process makes at start.
+pub fn install_for(listen: &str, job: &str, role: Role) -> Result<SocketAddr, MetricsError> {
+    let labels = global_labels(job, role);
+    let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let addr = install_exporter(listen, &pairs)?;
+    describe(role);
+    metrics::gauge!(BUILD_INFO, LABEL_VERSION => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(addr)
+}
+
+/// `job`, `role` and `host` of this process. `host` is [`HOST_ENV`] when set (the
+/// node name on Kubernetes), else the kernel's host name.
+pub fn global_labels(job: &str, role: Role) -> [(&'static str, String); 3] {
+    let host = std::env::var(HOST_ENV)
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    [
+        (LABEL_JOB, job.to_string()),
+        (LABEL_ROLE, role.as_str().to_string()),
+        (LABEL_HOST, host),
+    ]
+}
+
+/// Resident set size of this process in bytes (for [`PROCESS_MEMORY_BYTES`]);
+/// `None` where `/proc` is not available.
+pub fn process_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 fn resolve(listen: &str) -> Result<SocketAddr, MetricsError> {
     let err = |message: String| MetricsError::Address {
         addr: listen.to_string(),

@@ -261,6 +261,34 @@ fn the_exporter_serves_metrics_on_the_port_it_reports() {
 }
 
 #[test]
+fn global_labels_take_the_host_from_the_environment_or_the_kernel() {
+    let labels = global_labels("j", Role::Teacher);
+    assert_eq!(labels[0], (LABEL_JOB, "j".to_string()));
+    assert_eq!(labels[1], (LABEL_ROLE, "teacher".to_string()));
+    let host = &labels[2].1;
+    let expected = std::env::var(HOST_ENV)
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap()
+                .trim()
+                .to_string()
+        });
+    assert_eq!(host, &expected);
+}
+
+#[test]
+fn process_memory_is_the_resident_size() {
+    let before = process_memory_bytes().expect("Linux has /proc/self/status");
+    // Touch 64 MiB so the resident size must grow by most of it.
+    let block = vec![1u8; 64 << 20];
+    let after = process_memory_bytes().unwrap();
+    assert!(block.iter().map(|b| *b as u64).sum::<u64>() == 64 << 20);
+    assert!(after >= before + (32 << 20), "{before} -> {after}");
+}
+
+#[test]
 fn a_malformed_listen_address_is_refused_with_the_address() {
     let err = install_exporter("not an address", &[]).unwrap_err();
     assert!(err.to_string().contains("not an address"), "{err}");
