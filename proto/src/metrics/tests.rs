@@ -284,7 +284,7 @@ fn process_memory_is_the_resident_size() {
     // Touch 64 MiB so the resident size must grow by most of it.
     let block = vec![1u8; 64 << 20];
     let after = process_memory_bytes().unwrap();
-    assert!(block.iter().map(|b| *b as u64).sum::<u64>() == 64 << 20);
+    assert_eq!(block.iter().map(|b| u64::from(*b)).sum::<u64>(), 64 << 20);
     assert!(after >= before + (32 << 20), "{before} -> {after}");
 }
 
