@@ -455,11 +455,27 @@ pub fn install_exporter(
     global_labels: &[(&str, &str)],
 ) -> Result<SocketAddr, MetricsError> {
     let requested = resolve(listen)?;
-    let addr = if requested.port() == 0 {
-        pick_port(requested)?
-    } else {
-        requested
-    };
+    if requested.port() != 0 {
+        return install_at(requested, global_labels);
+    }
+    // A picked port can be taken by someone else's connection before the exporter
+    // binds it (see `pick_port`); picking again is then the right answer.
+    let mut last = None;
+    for _ in 0..PICK_ATTEMPTS {
+        match install_at(pick_port(requested)?, global_labels) {
+            Err(e @ MetricsError::Bind { .. }) => last = Some(e),
+            other => return other,
+        }
+    }
+    Err(last.expect("PICK_ATTEMPTS > 0"))
+}
+
+const PICK_ATTEMPTS: usize = 5;
+
+fn install_at(
+    addr: SocketAddr,
+    global_labels: &[(&str, &str)],
+) -> Result<SocketAddr, MetricsError> {
     builder(global_labels)
         .with_http_listener(addr)
         .install()
@@ -530,9 +546,9 @@ fn resolve(listen: &str) -> Result<SocketAddr, MetricsError> {
 }
 
 /// The exporter binds its own listener from an address, so a free port is found by
-/// binding port 0 and releasing it; the short window in which another process
-/// could take it only matters on a crowded host, and then the exporter's bind
-/// fails loudly rather than serving elsewhere.
+/// binding port 0 and releasing it. In the short window before the exporter binds
+/// it, another process's outgoing connection can take the same ephemeral port (seen
+/// on a busy test machine); [`install_exporter`] then picks again.
 fn pick_port(requested: SocketAddr) -> Result<SocketAddr, MetricsError> {
     let probe = TcpListener::bind(requested).map_err(|e| MetricsError::Bind {
         addr: requested.to_string(),
@@ -543,6 +559,9 @@ fn pick_port(requested: SocketAddr) -> Result<SocketAddr, MetricsError> {
         message: e.to_string(),
     })
 }
+
+mod job_status;
+pub use job_status::export_job_status;
 
 #[cfg(test)]
 mod tests;

@@ -315,3 +315,138 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     }
     panic!("cannot connect to {addr}: {last}");
 }
+
+fn sample_status() -> crate::wire::JobStatus {
+    use crate::wire::*;
+    let rank = |r: u32, age: f64| RankStatus {
+        rank: r,
+        host: "node-a".into(),
+        step: 40 + u64::from(r),
+        images_per_s: 12.5,
+        heartbeat_age: age,
+        collective_seq: 7,
+        step_times: Some(StepTimes {
+            data_wait: 0.01,
+            forward: 0.2,
+            backward: 0.4,
+            all_reduce: 0.05,
+            optimizer: 0.02,
+            total: 0.68,
+        }),
+        gpu_memory_bytes: 1 << 30,
+        ..Default::default()
+    };
+    JobStatus {
+        job: "demo".into(),
+        phase: JobPhase::Training as i32,
+        generation: 3,
+        world_size: 2,
+        step: 42,
+        total_steps: 100,
+        epoch: 1,
+        images_per_s: 25.0,
+        eta_s: 230.0,
+        losses: Some(Losses {
+            content: 0.5,
+            context: 0.25,
+            total: 0.525,
+        }),
+        ranks: vec![rank(0, 0.5), rank(1, 3.5)],
+        teacher_progress: Some(TeacherProgress {
+            shards_total: 10,
+            shards_done: 6,
+            shards_leased: 2,
+            shards_failed: 1,
+            bytes_written: 123456,
+        }),
+        last_checkpoint: Some(CheckpointRef {
+            step: 40,
+            ..Default::default()
+        }),
+        skips: vec![SkipCount {
+            reason: "corrupt".into(),
+            count: 2,
+        }],
+        images_total: 672,
+        elapsed_s: 30.0,
+        ..Default::default()
+    }
+}
+
+fn series_value(text: &str, name: &str, labels: &[&str]) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|lab| l.contains(lab)))
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_job_status_becomes_the_coordinator_s_job_and_rank_series() {
+    let recorder = local_recorder(&[
+        (LABEL_JOB, "demo"),
+        (LABEL_ROLE, "coordinator"),
+        (LABEL_HOST, "node-a"),
+    ]);
+    let handle = recorder.handle();
+    let mut status = sample_status();
+    metrics::with_local_recorder(&recorder, || {
+        describe(Role::Coordinator);
+        export_job_status(&status);
+        // A replayed, older status must not move counters back.
+        status.images_total = 10;
+        export_job_status(&status);
+    });
+    let text = handle.render();
+    assert_eq!(series_value(&text, JOB_STEP, &[]), 42.0);
+    assert_eq!(
+        series_value(&text, JOB_PHASE, &["job_phase=\"training\""]),
+        1.0
+    );
+    assert_eq!(
+        series_value(&text, JOB_PHASE, &["job_phase=\"forming\""]),
+        0.0
+    );
+    assert_eq!(series_value(&text, JOB_IMAGES_TOTAL, &[]), 672.0);
+    assert_eq!(
+        series_value(&text, JOB_LOSS, &["component=\"context\""]),
+        0.25
+    );
+    assert_eq!(series_value(&text, JOB_SHARDS, &["state=\"pending\""]), 1.0);
+    assert_eq!(series_value(&text, JOB_SHARDS, &["state=\"leased\""]), 2.0);
+    assert_eq!(
+        series_value(&text, JOB_TEACHER_WRITTEN_BYTES_TOTAL, &[]),
+        123456.0
+    );
+    assert_eq!(
+        series_value(&text, JOB_DATA_SKIPS_TOTAL, &["reason=\"corrupt\""]),
+        2.0
+    );
+    assert_eq!(series_value(&text, CHECKPOINT_LAST_STEP, &[]), 40.0);
+    assert_eq!(
+        series_value(&text, RANK_HEARTBEAT_AGE_SECONDS, &["rank=\"1\""]),
+        3.5
+    );
+    assert_eq!(series_value(&text, RANK_STEP, &["rank=\"1\""]), 41.0);
+    assert_eq!(
+        series_value(
+            &text,
+            RANK_STEP_PHASE_SECONDS,
+            &["rank=\"0\"", "phase=\"backward\""]
+        ),
+        0.4
+    );
+    assert_eq!(series_value(&text, WORLD_SIZE, &[]), 2.0);
+    for line in text.lines().filter(|l| l.starts_with("declip_")) {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let def = find(name).unwrap_or_else(|| panic!("{name} is not in the catalog"));
+        assert!(
+            def.exported_by(Role::Coordinator),
+            "{name} is not a coordinator metric"
+        );
+    }
+    if promtool().is_some() {
+        let (ok, msg) = promtool_check_metrics(&text);
+        assert!(ok, "{msg}\n{text}");
+    }
+}
