@@ -205,8 +205,8 @@ fn declip_names(text: &str) -> BTreeSet<String> {
         let end = text[start..]
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .map_or(text.len(), |n| start + n);
-        // A bare `declip_` is the prefix being talked about, not a metric.
-        if !preceded && end > start + "declip_".len() {
+        // `declip_` or `declip_job_*` is a prefix being talked about, not a metric.
+        if !preceded && !text[start..end].ends_with('_') {
             out.insert(base_name(&text[start..end]));
         }
         i = end;
