@@ -64,7 +64,10 @@ fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) -> 
             }
         }
     }
-    panic!("no line with {needle:?} within {limit:?}:\n{}", seen.join("\n"));
+    panic!(
+        "no line with {needle:?} within {limit:?}:\n{}",
+        seen.join("\n")
+    );
 }
 
 fn worker(dir: &Path, command: &str, addr: &str, log: &str) -> Child {
@@ -86,7 +89,10 @@ fn status_step(addr: &str) -> Option<(u64, bool)> {
         .output()
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some((v["step"].as_u64().unwrap_or(0), !v["last_checkpoint"].is_null()))
+    Some((
+        v["step"].as_u64().unwrap_or(0),
+        !v["last_checkpoint"].is_null(),
+    ))
 }
 
 fn wait_exit(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
@@ -126,7 +132,10 @@ fn a_sigkilled_coordinator_resumes_from_its_journal_and_the_job_completes() {
     };
     first.kill().expect("SIGKILL the coordinator");
     first.wait().unwrap();
-    assert!(killed_at < 48, "killed too late to prove anything (step {killed_at})");
+    assert!(
+        killed_at < 48,
+        "killed too late to prove anything (step {killed_at})"
+    );
 
     std::thread::sleep(Duration::from_secs(1));
     let (mut second, lines) = serve(dir.path(), &addr, true);
@@ -136,7 +145,11 @@ fn a_sigkilled_coordinator_resumes_from_its_journal_and_the_job_completes() {
         "the restarted coordinator should say it replayed its journal:\n{}",
         seen.join("\n")
     );
-    let status = wait_exit(&mut second, Duration::from_secs(600), "the resumed coordinator");
+    let status = wait_exit(
+        &mut second,
+        Duration::from_secs(600),
+        "the resumed coordinator",
+    );
     assert!(status.success(), "resumed coordinator failed: {status:?}");
     for (i, w) in workers.iter_mut().enumerate() {
         let status = wait_exit(w, Duration::from_secs(60), "a worker");

@@ -115,7 +115,11 @@ fn launch_trains_two_ranks_with_a_teacher_and_status_shows_them() {
     // 48 images / batch 4 × 3 epochs.
     assert!(stdout.contains("steps          36/36"), "{stdout}");
     let run = dir.path().join("run");
-    for log in ["logs/trainer-0.log", "logs/trainer-1.log", "logs/teacher-0.log"] {
+    for log in [
+        "logs/trainer-0.log",
+        "logs/trainer-1.log",
+        "logs/teacher-0.log",
+    ] {
         let text = std::fs::read_to_string(run.join(log)).unwrap_or_default();
         assert!(!text.is_empty(), "{log} is empty or missing");
     }
@@ -145,7 +149,10 @@ fn readme_first_command_runs_the_demo_to_completion() {
         stderr.join("\n")
     );
     assert!(stdout.contains("(completed)"), "{stdout}");
-    assert!(dir.path().join("runs/demo/exports/final.safetensors").exists());
+    assert!(dir
+        .path()
+        .join("runs/demo/exports/final.safetensors")
+        .exists());
 }
 
 trait WaitTimeout {

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod dataset;
 pub mod journal;
 pub mod launch;
+pub mod manifests;
 pub mod metrics;
 pub mod service;
 pub mod state;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use coordinator::{auth, status_view, ServeOptions, ServerTls};
+use coordinator::{auth, manifests, status_view, ServeOptions, ServerTls};
 use proto::cli::{self, ConfigArgs, LogArgs, EXIT_CONFIG};
 use proto::client::{self, ClientTls};
 use proto::wire::{JobPhase, StatusRequest};
@@ -70,6 +70,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Print the Kubernetes objects that run this job (multi-document YAML), rendered
+    /// from the same resolved config as `launch`. See docs/kubernetes.md.
+    Manifests(manifests::ManifestsArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,12 +103,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let Some(loaded) = config.load_or_report() else {
                 return Ok(ExitCode::from(EXIT_CONFIG));
             };
-            runtime()?.block_on(coordinator::launch::launch(coordinator::launch::LaunchArgs {
-                spec: loaded.spec,
-                source: loaded.source,
-                resume,
-                worker_bin,
-            }))
+            runtime()?.block_on(coordinator::launch::launch(
+                coordinator::launch::LaunchArgs {
+                    spec: loaded.spec,
+                    source: loaded.source,
+                    resume,
+                    worker_bin,
+                },
+            ))
         }
         Command::Status {
             addr,
@@ -113,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             token_file,
         } => runtime()?.block_on(status(&addr, watch, json, token_file)),
+        Command::Manifests(args) => manifests::command(args),
     }
 }
 

@@ -8,6 +8,8 @@
 //!   images are skipped (reasons and counts).
 //! - [`plan`]: deterministic plans (epoch order, shards, crop plan) that trainers,
 //!   teachers and the coordinator must derive identically.
+//! - [`metrics`]: the metric catalog (names, units, labels, HELP) and the
+//!   Prometheus exporter every process serves `/metrics` with.
 //! - [`cli`]: the flags, logging and exit codes both binaries share.
 //! - [`wire`]: the control protocol (`declip.proto`, package `declip.v1`), generated
 //!   by tonic/prost; [`auth`] says how its calls carry the job's token.
@@ -17,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod dataset;
 pub mod job;
+pub mod metrics;
 pub mod plan;
 
 /// Version of the control protocol. A worker whose version differs from the

@@ -202,8 +202,7 @@ async fn connect_and_register(
     loop {
         let attempt = async {
             let mut client =
-                client::connect(&config.addr, config.token.as_deref(), config.tls.as_ref())
-                    .await?;
+                client::connect(&config.addr, config.token.as_deref(), config.tls.as_ref()).await?;
             let request = RegisterRequest {
                 protocol_version: proto::PROTOCOL_VERSION,
                 role: config.role as i32,
@@ -215,13 +214,14 @@ async fn connect_and_register(
                 pid: std::process::id(),
                 metrics_address: config.metrics_address.clone(),
             };
-            let response = client
-                .register(request)
-                .await
-                .map_err(|status| ControlError::Refused {
-                    call: "Register",
-                    status,
-                })?;
+            let response =
+                client
+                    .register(request)
+                    .await
+                    .map_err(|status| ControlError::Refused {
+                        call: "Register",
+                        status,
+                    })?;
             Ok::<_, ControlError>((client, response.into_inner()))
         };
         match attempt.await {
@@ -260,7 +260,10 @@ async fn stream_task(
         let Some(why) = attach_once(&mut client, &reports, &events, &abort_hook).await else {
             return; // Stop received, or the worker's loop is gone
         };
-        tracing::warn!("control stream to {} broke ({why}); reconnecting", config.addr);
+        tracing::warn!(
+            "control stream to {} broke ({why}); reconnecting",
+            config.addr
+        );
         match connect_and_register(&config, worker_id.clone()).await {
             Ok((fresh, response)) => {
                 if response.worker_id != worker_id {

@@ -3,9 +3,9 @@
 //! Every entry point (the binary's `main`, each test) calls [`runtime::init`]
 //! first: it makes CUDA visible to libtorch before anything asks about it.
 
+pub mod control;
 pub mod data;
 pub mod distill;
 pub mod model;
-pub mod control;
 pub mod runtime;
 pub mod train;

@@ -122,7 +122,13 @@ pub async fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     }
     stop_workers(&supervisor, &mut slots).await;
     let phase = final_status.phase();
-    print_summary(&final_status, &seen, &run_dir, started.elapsed(), supervisor.restarts());
+    print_summary(
+        &final_status,
+        &seen,
+        &run_dir,
+        started.elapsed(),
+        supervisor.restarts(),
+    );
     Ok(match (phase, interrupted) {
         (JobPhase::Completed, _) => ExitCode::SUCCESS,
         (JobPhase::Stopped, true) => ExitCode::from(130),
@@ -286,7 +292,11 @@ fn print_summary(
     wall: Duration,
     restarts: u32,
 ) {
-    println!("job            {} ({})", status.job, phase_name(status.phase()));
+    println!(
+        "job            {} ({})",
+        status.job,
+        phase_name(status.phase())
+    );
     if !status.error.is_empty() {
         println!("error          {}", status.error);
     }
@@ -299,8 +309,14 @@ fn print_summary(
         mean(losses.first.iter().copied()),
         mean(losses.last.iter().copied()),
     ) {
-        println!("loss first     {first:.4} (mean of the first {} reported steps)", losses.first.len());
-        println!("loss last      {last:.4} (mean of the last {} reported steps)", losses.last.len());
+        println!(
+            "loss first     {first:.4} (mean of the first {} reported steps)",
+            losses.first.len()
+        );
+        println!(
+            "loss last      {last:.4} (mean of the last {} reported steps)",
+            losses.last.len()
+        );
     }
     if let Some(t) = &status.teacher_progress {
         if t.shards_total > 0 {
@@ -324,7 +340,10 @@ fn print_summary(
     for export in list_exports(&run_dir.join("exports")) {
         println!("export         {}", export.display());
     }
-    println!("journal        {}", run_dir.join(crate::journal::FILE_NAME).display());
+    println!(
+        "journal        {}",
+        run_dir.join(crate::journal::FILE_NAME).display()
+    );
     println!("logs           {}", run_dir.join("logs").display());
 }
 
@@ -365,7 +384,13 @@ mod tests {
         );
         assert_eq!(
             slots[1].args,
-            ["train", "--coordinator", "127.0.0.1:5000", "--device", "cpu"]
+            [
+                "train",
+                "--coordinator",
+                "127.0.0.1:5000",
+                "--device",
+                "cpu"
+            ]
         );
     }
 

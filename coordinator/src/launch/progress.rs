@@ -34,11 +34,9 @@ impl Progress {
         }
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
         let teachers = cache_mode.then(|| {
-            multi.add(
-                ProgressBar::new(0).with_style(style(
-                    "teachers {bar:30.cyan/blue} {pos}/{len} shards  {msg}",
-                )),
-            )
+            multi.add(ProgressBar::new(0).with_style(style(
+                "teachers {bar:30.cyan/blue} {pos}/{len} shards  {msg}",
+            )))
         });
         let steps = multi.add(ProgressBar::new(0).with_style(style(
             "training {bar:30.green/white} {pos}/{len} steps  ETA {eta}  {msg}",

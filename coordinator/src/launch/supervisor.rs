@@ -66,7 +66,11 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(worker_bin: PathBuf, env: Vec<(String, String)>, policy: RestartPolicy) -> Arc<Self> {
+    pub fn new(
+        worker_bin: PathBuf,
+        env: Vec<(String, String)>,
+        policy: RestartPolicy,
+    ) -> Arc<Self> {
         Arc::new(Self {
             worker_bin,
             env,
@@ -235,7 +239,11 @@ mod tests {
             backoff: Duration::from_millis(10),
         };
         // `sh -c` stands in for the worker binary: it writes a line and fails.
-        let sup = Supervisor::new(PathBuf::from("/bin/sh"), vec![("X".into(), "y".into())], policy);
+        let sup = Supervisor::new(
+            PathBuf::from("/bin/sh"),
+            vec![("X".into(), "y".into())],
+            policy,
+        );
         let end = sup
             .clone()
             .run(slot(dir.path(), &["-c", "echo run $X; exit 3"]))
@@ -249,7 +257,10 @@ mod tests {
         );
         assert_eq!(sup.restarts(), 2);
         let log = std::fs::read_to_string(dir.path().join("logs/trainer-0.log")).unwrap();
-        assert_eq!(log, "run y\nrun y\nrun y\n", "three runs, environment passed");
+        assert_eq!(
+            log, "run y\nrun y\nrun y\n",
+            "three runs, environment passed"
+        );
     }
 
     #[tokio::test]

@@ -31,6 +31,8 @@ pub struct JobSpec {
     pub teachers: TeachersSpec,
     #[serde(default)]
     pub coordinator: CoordinatorSpec,
+    #[serde(default)]
+    pub k8s: K8sSpec,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -410,4 +412,140 @@ impl Default for CoordinatorSpec {
             heartbeat_timeout_s: 30,
         }
     }
+}
+
+/// Environment variable that carries a worker's preferred rank (an integer; on
+/// Kubernetes the Indexed Job's completion index). Absent or unparsable = none.
+pub const RANK_HINT_ENV: &str = "DECLIP_RANK_HINT";
+
+/// Where and how `coordinator manifests` runs the job on Kubernetes. Quantities are
+/// Kubernetes quantity strings (`"500m"`, `"4"` CPUs; `"16Gi"` bytes).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct K8sSpec {
+    pub namespace: String,
+    /// Image holding both binaries (see the Dockerfile).
+    pub image: String,
+    pub image_pull_policy: PullPolicy,
+    /// Service account of every pod; empty = the namespace's default.
+    pub service_account: String,
+    /// Secret holding the job token under the key `token`; it is referenced, never rendered.
+    pub token_secret: String,
+    /// GPUs (`nvidia.com/gpu`) per trainer pod; 0 for CPU trainers.
+    pub gpus_per_trainer: u32,
+    /// GPUs per teacher pod; 0 for CPU teachers.
+    pub gpus_per_teacher: u32,
+    /// The coordinator's gRPC port inside the cluster (its Service exposes it).
+    pub grpc_port: u16,
+    /// `/metrics` port of every worker pod (and of the coordinator when
+    /// `coordinator.metrics_port` is 0, which a cluster cannot scrape).
+    pub worker_metrics_port: u16,
+    /// Render the trainers as a JobSet (jobset.x-k8s.io) instead of an Indexed Job.
+    pub jobset: bool,
+    /// Gang scheduling of the trainers, so a world's pods start together or not at all.
+    pub gang: Gang,
+    /// Kueue LocalQueue the jobs are submitted to (`gang = "kueue"`).
+    pub kueue_queue: String,
+    /// Failed pods tolerated per teacher index before that index fails.
+    pub teacher_backoff_limit_per_index: u32,
+    pub trainer: PodResources,
+    pub teacher: PodResources,
+    pub coordinator: PodResources,
+    /// StorageClass of the three PersistentVolumeClaims; empty = the cluster default.
+    pub storage_class: String,
+    /// Size of the data volume (the COCO root is mounted from it at /data).
+    pub data_size: String,
+    /// Size of the teacher-target cache volume.
+    pub cache_size: String,
+    /// Size of the run volume (journal, checkpoints, exports).
+    pub checkpoint_size: String,
+}
+
+impl Default for K8sSpec {
+    fn default() -> Self {
+        Self {
+            namespace: "declip".into(),
+            image: "declip-orchestrator:0.1.0".into(),
+            image_pull_policy: PullPolicy::IfNotPresent,
+            service_account: String::new(),
+            token_secret: "declip-token".into(),
+            gpus_per_trainer: 1,
+            gpus_per_teacher: 1,
+            grpc_port: 50051,
+            worker_metrics_port: 9464,
+            jobset: false,
+            gang: Gang::None,
+            kueue_queue: String::new(),
+            teacher_backoff_limit_per_index: 3,
+            trainer: PodResources::new("8", "16", "48Gi", "64Gi"),
+            teacher: PodResources::new("4", "8", "32Gi", "48Gi"),
+            coordinator: PodResources::new("500m", "2", "1Gi", "4Gi"),
+            storage_class: String::new(),
+            data_size: "50Gi".into(),
+            cache_size: "200Gi".into(),
+            checkpoint_size: "100Gi".into(),
+        }
+    }
+}
+
+/// CPU and memory requests and limits of one kind of pod.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PodResources {
+    pub cpu_request: String,
+    pub cpu_limit: String,
+    pub memory_request: String,
+    pub memory_limit: String,
+}
+
+impl PodResources {
+    pub fn new(
+        cpu_request: &str,
+        cpu_limit: &str,
+        memory_request: &str,
+        memory_limit: &str,
+    ) -> Self {
+        Self {
+            cpu_request: cpu_request.into(),
+            cpu_limit: cpu_limit.into(),
+            memory_request: memory_request.into(),
+            memory_limit: memory_limit.into(),
+        }
+    }
+}
+
+impl Default for PodResources {
+    fn default() -> Self {
+        Self::new("1", "2", "2Gi", "4Gi")
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Gang {
+    /// The default scheduler; pods of a world may start one by one.
+    #[default]
+    None,
+    /// Volcano: a PodGroup with minMember = trainers.min, pods scheduled by `volcano`.
+    Volcano,
+    /// Kueue: the jobs carry `kueue.x-k8s.io/queue-name` and start suspended.
+    Kueue,
 }

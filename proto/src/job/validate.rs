@@ -6,7 +6,9 @@
 use std::net::SocketAddr;
 
 use super::arch::VitArch;
-use super::{ContextResize, DataSource, JobSpec, Problem, TeacherMode, TowerSpec};
+use super::{
+    ContextResize, DataSource, Gang, JobSpec, PodResources, Problem, TeacherMode, TowerSpec,
+};
 
 pub(crate) fn validate(spec: &JobSpec) -> Vec<Problem> {
     let mut v = Checks::default();
@@ -19,6 +21,7 @@ pub(crate) fn validate(spec: &JobSpec) -> Vec<Problem> {
     check_data(spec, &student, &vfm, &mut v);
     check_train(spec, &mut v);
     check_world(spec, &mut v);
+    check_k8s(spec, &mut v);
     v.problems
 }
 
@@ -391,6 +394,189 @@ fn check_coordinator(spec: &JobSpec, v: &mut Checks) {
         format!("{:?}", spec.coordinator.listen),
         "an IP:port address such as 127.0.0.1:50051 (port 0 picks a free one)",
     );
+}
+
+fn check_k8s(spec: &JobSpec, v: &mut Checks) {
+    let k = &spec.k8s;
+    v.require(
+        is_dns_label(&k.namespace),
+        "k8s.namespace",
+        format!("{:?}", k.namespace),
+        "a DNS-1123 label: 1-63 characters of a-z, 0-9 and '-', starting and ending alphanumeric",
+    );
+    v.require(
+        !k.image.is_empty() && !k.image.contains(char::is_whitespace),
+        "k8s.image",
+        format!("{:?}", k.image),
+        "an image reference such as registry.example/declip:0.1.0",
+    );
+    for (key, name) in [
+        ("k8s.token_secret", &k.token_secret),
+        ("k8s.service_account", &k.service_account),
+    ] {
+        let optional = key == "k8s.service_account" && name.is_empty();
+        v.require(
+            optional || is_dns_subdomain(name),
+            key,
+            format!("{name:?}"),
+            "a DNS-1123 subdomain: lower-case alphanumerics, '-' and '.', at most 253 characters",
+        );
+    }
+    for (key, gpus) in [
+        ("k8s.gpus_per_trainer", k.gpus_per_trainer),
+        ("k8s.gpus_per_teacher", k.gpus_per_teacher),
+    ] {
+        v.require(gpus <= 16, key, gpus, "an integer in 0..=16");
+    }
+    check_ports(spec, v);
+    v.require(
+        k.gang != Gang::Kueue || is_dns_subdomain(&k.kueue_queue),
+        "k8s.kueue_queue",
+        format!("{:?}", k.kueue_queue),
+        "the name of a Kueue LocalQueue (required when k8s.gang = \"kueue\")",
+    );
+    for (role, r) in [
+        ("trainer", &k.trainer),
+        ("teacher", &k.teacher),
+        ("coordinator", &k.coordinator),
+    ] {
+        check_resources(role, r, v);
+    }
+    v.require(
+        k.storage_class.is_empty() || is_dns_subdomain(&k.storage_class),
+        "k8s.storage_class",
+        format!("{:?}", k.storage_class),
+        "empty (the cluster default) or a StorageClass name",
+    );
+    for (key, size) in [
+        ("k8s.data_size", &k.data_size),
+        ("k8s.cache_size", &k.cache_size),
+        ("k8s.checkpoint_size", &k.checkpoint_size),
+    ] {
+        v.require(
+            parse_memory(size).is_some_and(|b| b > 0.0),
+            key,
+            format!("{size:?}"),
+            "a positive storage quantity such as 100Gi",
+        );
+    }
+}
+
+fn check_ports(spec: &JobSpec, v: &mut Checks) {
+    let k = &spec.k8s;
+    v.require(
+        k.grpc_port > 0,
+        "k8s.grpc_port",
+        k.grpc_port,
+        "a port in 1..=65535",
+    );
+    v.require(
+        k.worker_metrics_port > 0,
+        "k8s.worker_metrics_port",
+        k.worker_metrics_port,
+        "a port in 1..=65535",
+    );
+    let coordinator_metrics = match spec.coordinator.metrics_port {
+        0 => k.worker_metrics_port,
+        port => port,
+    };
+    v.require(
+        coordinator_metrics != k.grpc_port,
+        "k8s.grpc_port",
+        k.grpc_port,
+        format!("a port other than the coordinator's metrics port {coordinator_metrics}"),
+    );
+}
+
+fn check_resources(role: &str, r: &PodResources, v: &mut Checks) {
+    let key = |field: &str| format!("k8s.{role}.{field}");
+    let pairs = [
+        (
+            "cpu_request",
+            "cpu_limit",
+            &r.cpu_request,
+            &r.cpu_limit,
+            parse_cpu as fn(&str) -> Option<f64>,
+            "a CPU quantity such as 500m or 4",
+        ),
+        (
+            "memory_request",
+            "memory_limit",
+            &r.memory_request,
+            &r.memory_limit,
+            parse_memory,
+            "a memory quantity such as 512Mi or 16Gi",
+        ),
+    ];
+    for (req_key, lim_key, request, limit, parse, allowed) in pairs {
+        let req = parse(request).filter(|x| *x > 0.0);
+        let lim = parse(limit).filter(|x| *x > 0.0);
+        v.require(
+            req.is_some(),
+            &key(req_key),
+            format!("{request:?}"),
+            allowed,
+        );
+        v.require(lim.is_some(), &key(lim_key), format!("{limit:?}"), allowed);
+        if let (Some(req), Some(lim)) = (req, lim) {
+            v.require(
+                req <= lim,
+                &key(req_key),
+                format!("{request:?}"),
+                format!("at most the limit {limit:?}"),
+            );
+        }
+    }
+}
+
+fn is_dns_label(name: &str) -> bool {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    (1..=63).contains(&name.len()) && ok_chars && !name.starts_with('-') && !name.ends_with('-')
+}
+
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns_label)
+}
+
+/// A Kubernetes CPU quantity in cores (`"500m"` = 0.5).
+pub(crate) fn parse_cpu(text: &str) -> Option<f64> {
+    let (number, scale) = match text.strip_suffix('m') {
+        Some(milli) => (milli, 1e-3),
+        None => (text, 1.0),
+    };
+    parse_decimal(number).map(|x| x * scale)
+}
+
+/// A Kubernetes memory or storage quantity in bytes (`"16Gi"`, `"500M"`, `"1024"`).
+pub(crate) fn parse_memory(text: &str) -> Option<f64> {
+    const SUFFIXES: [(&str, f64); 10] = [
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("Pi", 1125899906842624.0),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+    ];
+    let (number, scale) = SUFFIXES
+        .iter()
+        .find_map(|(s, f)| text.strip_suffix(s).map(|n| (n, *f)))
+        .unwrap_or((text, 1.0));
+    parse_decimal(number).map(|x| x * scale)
+}
+
+/// Digits with at most one '.', nothing else (no sign, exponent or spaces).
+fn parse_decimal(text: &str) -> Option<f64> {
+    let plain = !text.is_empty()
+        && text.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && text.matches('.').count() <= 1
+        && text.chars().any(|c| c.is_ascii_digit());
+    plain.then(|| text.parse().ok()).flatten()
 }
 
 /// A device string: `auto`, `cpu`, `cuda` (the first visible GPU) or `cuda:N`.

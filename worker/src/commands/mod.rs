@@ -4,5 +4,5 @@
 pub mod data_check;
 pub mod export;
 pub mod inspect;
-pub mod synth_coco;
 pub mod remote;
+pub mod synth_coco;

@@ -15,9 +15,9 @@ use super::checkpoint::{self, Checkpoint, CheckpointError, CheckpointState};
 use super::export::{self, ExportError};
 use super::trainer::{StepReport, TrainError, Trainer};
 use crate::data::coco::{self, CocoError, CocoSource};
-use crate::data::skips::SkippingSource;
 use crate::data::loader::{LoadError, Loader, LoaderConfig, LoaderError, SamplePrep, SharedSource};
 use crate::data::sample::{self, Batch, Resolutions, SampleError};
+use crate::data::skips::SkippingSource;
 use crate::data::synth_coco::{self, SynthError};
 use crate::distill::step::Targets;
 
@@ -82,7 +82,9 @@ pub fn run_standalone(spec: &JobSpec, device: Device) -> Result<RunSummary, RunE
 
 /// The job's training images: its synthetic dataset (written on first use) or its COCO
 /// dataset, behind the skipping source.
-pub fn open_training_source(spec: &JobSpec) -> Result<(SharedSource, Arc<SkippingSource<CocoSource>>), RunError> {
+pub fn open_training_source(
+    spec: &JobSpec,
+) -> Result<(SharedSource, Arc<SkippingSource<CocoSource>>), RunError> {
     let data = match spec.data.source {
         DataSource::Synthetic => {
             let root = PathBuf::from(&spec.job.run_dir).join("synthetic-coco");
