@@ -83,6 +83,8 @@ pub struct Control {
     reports: watch::Sender<WorkerReport>,
     events: mpsc::Receiver<ControlEvent>,
     abort_hook: Arc<Mutex<Option<AbortHook>>>,
+    /// Our worker id; a coordinator that forgot us (not resumed) hands out a new one.
+    identity: Arc<Mutex<String>>,
 }
 
 impl Control {
@@ -105,10 +107,11 @@ impl Control {
         let (reports, reports_rx) = watch::channel(first);
         let (events_tx, events) = mpsc::channel();
         let abort_hook: Arc<Mutex<Option<AbortHook>>> = Arc::new(Mutex::new(None));
+        let identity = Arc::new(Mutex::new(registration.worker_id.clone()));
         runtime.spawn(stream_task(
             config.clone(),
             client.clone(),
-            registration.worker_id.clone(),
+            identity.clone(),
             reports_rx,
             events_tx,
             abort_hook.clone(),
@@ -121,16 +124,16 @@ impl Control {
             reports,
             events,
             abort_hook,
+            identity,
         })
     }
 
-    pub fn worker_id(&self) -> &str {
-        &self.registration.worker_id
+    pub fn worker_id(&self) -> String {
+        current(&self.identity)
     }
 
     /// Publishes the latest report (sent now, and repeated as the heartbeat).
-    pub fn report(&self, mut report: WorkerReport) {
-        report.worker_id = self.registration.worker_id.clone();
+    pub fn report(&self, report: WorkerReport) {
         self.reports.send_replace(report);
     }
 
@@ -195,7 +198,7 @@ fn is_transient(status: &tonic::Status) -> bool {
 
 async fn connect_and_register(
     config: &ControlConfig,
-    worker_id: String,
+    mut worker_id: String,
 ) -> Result<(Client, RegisterResponse), ControlError> {
     let started = Instant::now();
     let mut backoff = BACKOFF_START;
@@ -226,6 +229,14 @@ async fn connect_and_register(
         };
         match attempt.await {
             Ok(done) => return Ok(done),
+            // A coordinator that does not know our id (a fresh one, not a resumed one):
+            // register as a new worker.
+            Err(ControlError::Refused { status, .. })
+                if status.code() == tonic::Code::NotFound && !worker_id.is_empty() =>
+            {
+                tracing::warn!("the coordinator does not know worker {worker_id}; registering anew");
+                worker_id.clear();
+            }
             Err(ControlError::Refused { status, call }) if !is_transient(&status) => {
                 return Err(ControlError::Refused { call, status })
             }
@@ -251,19 +262,21 @@ async fn connect_and_register(
 async fn stream_task(
     config: ControlConfig,
     mut client: Client,
-    worker_id: String,
+    identity: Arc<Mutex<String>>,
     reports: watch::Receiver<WorkerReport>,
     events: mpsc::Sender<ControlEvent>,
     abort_hook: Arc<Mutex<Option<AbortHook>>>,
 ) {
     loop {
-        let Some(why) = attach_once(&mut client, &reports, &events, &abort_hook).await else {
+        let Some(why) = attach_once(&mut client, &identity, &reports, &events, &abort_hook).await
+        else {
             return; // Stop received, or the worker's loop is gone
         };
         tracing::warn!(
             "control stream to {} broke ({why}); reconnecting",
             config.addr
         );
+        let worker_id = current(&identity);
         match connect_and_register(&config, worker_id.clone()).await {
             Ok((fresh, response)) => {
                 if response.worker_id != worker_id {
@@ -271,6 +284,9 @@ async fn stream_task(
                         "coordinator gave a new worker id {} (was {worker_id})",
                         response.worker_id
                     );
+                    if let Ok(mut id) = identity.lock() {
+                        *id = response.worker_id;
+                    }
                 }
                 client = fresh;
             }
@@ -286,12 +302,13 @@ async fn stream_task(
 /// cleanly (`None`).
 async fn attach_once(
     client: &mut Client,
+    identity: &Arc<Mutex<String>>,
     reports: &watch::Receiver<WorkerReport>,
     events: &mpsc::Sender<ControlEvent>,
     abort_hook: &Arc<Mutex<Option<AbortHook>>>,
 ) -> Option<String> {
     let mut outgoing = reports.clone();
-    let upstream = async_stream_of_reports(outgoing.clone());
+    let upstream = async_stream_of_reports(outgoing.clone(), current(identity));
     let mut inbound = match client.attach(upstream).await {
         Ok(response) => response.into_inner(),
         Err(status) => return Some(status.to_string()),
@@ -331,11 +348,13 @@ async fn attach_once(
 /// again after [`HEARTBEAT`] without one.
 fn async_stream_of_reports(
     mut reports: watch::Receiver<WorkerReport>,
+    worker_id: String,
 ) -> impl tokio_stream::Stream<Item = WorkerReport> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         loop {
-            let report = reports.borrow_and_update().clone();
+            let mut report = reports.borrow_and_update().clone();
+            report.worker_id = worker_id.clone();
             if tx.send(report).await.is_err() {
                 return; // the stream was dropped: attach_once will make a new one
             }
@@ -346,6 +365,10 @@ fn async_stream_of_reports(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn current(identity: &Mutex<String>) -> String {
+    identity.lock().map(|id| id.clone()).unwrap_or_default()
 }
 
 /// This machine's host name (labels, status), from the kernel.
