@@ -17,12 +17,14 @@ fn main() {
     let version = std::fs::read_to_string(&version_file).unwrap_or_else(|_| "unknown".into());
     println!("cargo:rustc-env=DECLIP_LIBTORCH_VERSION={}", version.trim());
 
-    // The autocast-dtype shim (see csrc/autocast.cpp), against the same headers.
+    // The autocast-dtype and gradient-view shims (csrc/), against the same headers.
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    println!("cargo:rerun-if-changed=csrc/grad.cpp");
     let include = libtorch.join("include");
     cc::Build::new()
         .cpp(true)
         .file("csrc/autocast.cpp")
+        .file("csrc/grad.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -3,6 +3,7 @@
 //! Every entry point (the binary's `main`, each test) calls [`runtime::init`]
 //! first: it makes CUDA visible to libtorch before anything asks about it.
 
+pub mod comm;
 pub mod control;
 pub mod data;
 pub mod distill;

@@ -111,6 +111,28 @@ enum Command {
         #[arg(long, conflicts_with = "defects")]
         index_only: bool,
     },
+    /// Diagnostic: all-reduce buffers over a CPU ring of processes on this machine and
+    /// print the bandwidth (bench/ring.sh; the killed-peer test).
+    #[command(hide = true)]
+    CommBench {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        world: usize,
+        /// Directory where the ranks exchange their addresses.
+        #[arg(long, value_name = "DIR")]
+        rendezvous: PathBuf,
+        /// Buffer sizes in MiB, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "4,64,256")]
+        sizes_mib: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Collective timeout in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        timeout_s: f64,
+        #[arg(long, default_value_t = 1024)]
+        chunk_kib: usize,
+    },
     /// Scan the job's COCO dataset as training would read it (annotations, every file,
     /// decode, size check) without training. Prints every problem with its path and reason
     /// and a summary by reason. Exits 0 when the skips stay within data.max_skip_fraction,
@@ -244,6 +266,28 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
                 "{}",
                 commands::synth_coco::synth_coco(&out, images, seed, defects, index_only)?
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CommBench {
+            rank,
+            world,
+            rendezvous,
+            sizes_mib,
+            rounds,
+            timeout_s,
+            chunk_kib,
+        } => {
+            let timeout = std::time::Duration::try_from_secs_f64(timeout_s)
+                .context("--timeout-s must be a non-negative number of seconds")?;
+            commands::comm_bench::comm_bench(&commands::comm_bench::CommBench {
+                rank,
+                world,
+                rendezvous,
+                sizes_mib,
+                rounds,
+                timeout,
+                chunk_kib,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::DataCheck { config, index_only } => {
