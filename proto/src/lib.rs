@@ -8,11 +8,13 @@
 //!   images are skipped (reasons and counts).
 //! - [`plan`]: deterministic plans (epoch order, shards, crop plan) that trainers,
 //!   teachers and the coordinator must derive identically.
+//! - [`cache`]: the teacher cache contract: shard file names, image keys, fingerprint.
 //! - [`cli`]: the flags, logging and exit codes both binaries share.
 //! - [`wire`]: the control protocol (`declip.proto`, package `declip.v1`), generated
 //!   by tonic/prost; [`auth`] says how its calls carry the job's token.
 
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod dataset;

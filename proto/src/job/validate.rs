@@ -346,6 +346,13 @@ fn check_world(spec: &JobSpec, v: &mut Checks) {
     if spec.teachers.mode == TeacherMode::Cache {
         v.at_least("teachers.count", spec.teachers.count, 1);
     }
+    let vfm_width = spec.model.vfm.arch().width;
+    v.require(
+        (1..=vfm_width.max(1)).contains(&spec.teachers.pca_rank),
+        "teachers.pca_rank",
+        spec.teachers.pca_rank,
+        format!("an integer in 1..={vfm_width} (the VFM width)"),
+    );
     v.require(
         spec.coordinator.listen.parse::<SocketAddr>().is_ok(),
         "coordinator.listen",
