@@ -7,4 +7,5 @@ pub mod data;
 pub mod distill;
 pub mod model;
 pub mod runtime;
+pub mod teacher;
 pub mod train;

@@ -5,3 +5,4 @@ pub mod data_check;
 pub mod export;
 pub mod inspect;
 pub mod synth_coco;
+pub mod teach;

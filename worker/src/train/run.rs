@@ -6,19 +6,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::dataset::SkipCounts;
-use proto::job::{DataSource, DataSpec, JobSpec};
+use proto::job::{DataSource, JobSpec, TeacherMode};
 use proto::plan::crops::CropPlan;
-use proto::plan::order::{Cursor, OrderError, OrderPlan};
+use proto::plan::order::{Cursor, OrderError, OrderPlan, Shards};
 use tch::Device;
 
 use super::checkpoint::{self, Checkpoint, CheckpointError, CheckpointState};
 use super::export::{self, ExportError};
 use super::trainer::{GlobalCounts, StepReport, TrainError, Trainer};
-use crate::data::coco::{self, CocoError};
-use crate::data::loader::{LoadError, Loader, LoaderConfig, LoaderError, SamplePrep, SharedSource};
-use crate::data::sample::{self, Batch, Resolutions, SampleError};
+use crate::data::coco::{self, CocoError, CocoSource};
+use crate::data::loader::{
+    BatchFeed, CachePrep, LoadError, LoadedBatch, Loader, LoaderConfig, LoaderError, LoaderStats,
+    SamplePrep, SharedSource,
+};
+use crate::data::sample::{self, Batch, CachedSample, Resolutions, Sample, SampleError};
+use crate::data::skips::SkippingSource;
+use crate::data::source::ImageSource;
 use crate::data::synth_coco::{self, SynthError};
 use crate::distill::step::Targets;
+use crate::teacher::cache::{CacheError, CacheStore};
+use crate::teacher::models::TeacherModels;
+use crate::teacher::shard::{ensure_shard, ShardOutcome};
+use crate::teacher::TeacherError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -44,6 +53,10 @@ pub enum RunError {
     Export(#[from] ExportError),
     #[error("{0}")]
     Unsupported(String),
+    #[error("teacher cache: {0}")]
+    Cache(#[from] CacheError),
+    #[error("teachers: {0}")]
+    Teacher(#[from] TeacherError),
     #[error("{dir} was written by another job config (hash {found}, this job {expected}); use another job.run_dir or remove the checkpoints")]
     ConfigChanged {
         dir: PathBuf,
@@ -64,6 +77,9 @@ pub struct RunSummary {
     pub checkpoint: Option<PathBuf>,
     pub exports: Vec<PathBuf>,
     pub wall: Duration,
+    /// Time inside the step loop (data wait, targets, steps, checkpoints, exports):
+    /// `wall` without building models and the teacher cache.
+    pub loop_wall: Duration,
     /// Bad images skipped, by reason (each replaced by the next good image in index
     /// order, see `data::skips`); all zero for synthetic data.
     pub skips: SkipCounts,
@@ -71,26 +87,50 @@ pub struct RunSummary {
 
 /// Runs the job in this process on `device` until its last step.
 pub fn run_standalone(spec: &JobSpec, device: Device) -> Result<RunSummary, RunError> {
-    match spec.data.source {
-        DataSource::Synthetic => {
-            // The demo's data is a real COCO-format dataset in the run directory, read
-            // through the same pipeline as COCO itself.
-            let root = PathBuf::from(&spec.job.run_dir).join("synthetic-coco");
-            let data = synth_coco::ensure_job_dataset(&spec.data, spec.job.seed, &root)?;
-            run_coco(spec, &data, device)
-        }
-        DataSource::Coco => run_coco(spec, &spec.data, device),
-    }
-}
-
-/// Trains on the COCO-format dataset `data`. Bad images are skipped, logged with their
-/// path, counted by reason and replaced deterministically; past `data.max_skip_fraction`
-/// the run fails (`data::skips`).
-fn run_coco(spec: &JobSpec, data: &DataSpec, device: Device) -> Result<RunSummary, RunError> {
-    let source = Arc::new(coco::training_source(data)?);
+    let source = Arc::new(job_source(spec)?);
     let mut summary = run(spec, device, source.clone())?;
     summary.skips = source.counts();
     Ok(summary)
+}
+
+/// The images of a job as trainers and teachers read them. The demo's synthetic data
+/// is a real COCO-format dataset written into the run directory, read through the same
+/// pipeline as COCO itself. Bad images are skipped, logged with their path, counted by
+/// reason and replaced deterministically; past `data.max_skip_fraction` reading fails
+/// (`data::skips`).
+pub fn job_source(spec: &JobSpec) -> Result<SkippingSource<CocoSource>, RunError> {
+    let data = match spec.data.source {
+        DataSource::Synthetic => {
+            let root = PathBuf::from(&spec.job.run_dir).join("synthetic-coco");
+            synth_coco::ensure_job_dataset(&spec.data, spec.job.seed, &root)?
+        }
+        DataSource::Coco => spec.data.clone(),
+    };
+    Ok(coco::training_source(&data)?)
+}
+
+/// Cache mode in one process: computes every shard without a usable file (teachers
+/// built here and dropped afterwards), then opens the store the loop reads.
+pub fn prepare_cache(
+    spec: &JobSpec,
+    device: Device,
+    source: &dyn ImageSource,
+) -> Result<CacheStore, RunError> {
+    let shards = Shards::new(source.image_count(), spec.data.shard_size as u32)?;
+    let dir = proto::cache::cache_dir(Path::new(&spec.job.run_dir));
+    let models = TeacherModels::new(spec, device)?;
+    for shard in 0..shards.len() {
+        if let ShardOutcome::Written(w) = ensure_shard(spec, &models, source, &shards, shard, &dir)?
+        {
+            tracing::info!(
+                "teacher cache shard {shard}: {} images, {} bytes, sha256 {}",
+                w.images,
+                w.bytes,
+                w.checksum
+            );
+        }
+    }
+    Ok(CacheStore::open(&dir, &models.fingerprint(), shards))
 }
 
 /// The loop, over any image source (shared with the data loader's threads).
@@ -149,41 +189,24 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
         checkpoint: None,
         exports: Vec::new(),
         wall: Duration::ZERO,
+        loop_wall: Duration::ZERO,
         skips: SkipCounts::default(),
     };
     let mut last_saved = step;
     let mut window = (Instant::now(), 0u64);
     // Samples are prepared ahead on data.loader_threads threads, in the order's order.
-    let prep = SamplePrep {
-        plan: crop_plan,
-        resolutions,
-    };
-    let batches = order
-        .resume(cursor)?
-        .take(total.saturating_sub(step) as usize);
-    let mut loader = Loader::new(
-        LoaderConfig::from_spec(&spec.data),
-        source,
-        prep,
-        Box::new(batches),
-    )?;
+    let batches: BatchFeed = Box::new(
+        order
+            .resume(cursor)?
+            .take(total.saturating_sub(step) as usize),
+    );
+    let mut feed = StepFeed::new(spec, device, source, batches, crop_plan, resolutions)?;
+    let loop_started = Instant::now();
     while step < total {
-        let loaded = loader.next_batch().ok_or(RunError::LoaderEnded(step))?;
-        debug_assert_eq!(loaded.cursor, cursor, "the loader follows the order");
-        let images = loaded.indices.len() as u64;
-        let samples = loaded.into_samples()?;
-        let counts = GlobalCounts {
-            crops: samples.iter().map(|s| s.grid_boxes.len() as i64).sum(),
-            rows: samples.len() as i64 * rows_per_image,
-        };
-        let mut micro_batches: Vec<(Batch, Targets)> = Vec::new();
-        let mut rest = samples;
-        while !rest.is_empty() {
-            let tail = rest.split_off(micro.min(rest.len()));
-            let batch = sample::collate(std::mem::replace(&mut rest, tail))?;
-            let targets = trainer.online_targets(&batch)?;
-            micro_batches.push((batch, targets));
-        }
+        let (loaded_cursor, images, micro_batches, counts) = feed
+            .next_step(&trainer, micro, rows_per_image)?
+            .ok_or(RunError::LoaderEnded(step))?;
+        debug_assert_eq!(loaded_cursor, cursor, "the loader follows the order");
         let report = trainer.train_step(step, &micro_batches, counts)?;
         step += 1;
         cursor.advance(steps_per_epoch);
@@ -200,7 +223,7 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
                 window.1 as f64 / window.0.elapsed().as_secs_f64(),
             );
             window = (Instant::now(), 0);
-            tracing::info!("data: {}", loader.stats());
+            tracing::info!("data: {}", feed.stats());
         }
         if spec.checkpoint.every_steps > 0 && step % spec.checkpoint.every_steps == 0 {
             summary.checkpoint = Some(save(
@@ -234,8 +257,124 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
     export::write_atomic(&final_export, &trainer.merged_export(spec.export.alpha)?)?;
     summary.exports.push(final_export);
     summary.final_step = step;
+    summary.loop_wall = loop_started.elapsed();
     summary.wall = started.elapsed();
     Ok(summary)
+}
+
+/// One step's inputs: its cursor, images, micro-batches with targets, global counts.
+type StepInput = (Cursor, u64, Vec<(Batch, Targets)>, GlobalCounts);
+
+/// Where a step's batches and targets come from: the online loader (crops and VFM
+/// inputs prepared, teachers run in the trainer) or the cache loader (student inputs
+/// and record references only, targets read from the teacher cache).
+enum StepFeed {
+    Online(Loader<Sample>),
+    Cached {
+        loader: Loader<CachedSample>,
+        store: CacheStore,
+        resolutions: Resolutions,
+    },
+}
+
+impl StepFeed {
+    fn new(
+        spec: &JobSpec,
+        device: Device,
+        source: SharedSource,
+        batches: BatchFeed,
+        plan: CropPlan,
+        resolutions: Resolutions,
+    ) -> Result<Self, RunError> {
+        let config = LoaderConfig::from_spec(&spec.data);
+        Ok(match spec.teachers.mode {
+            TeacherMode::Online => {
+                let prep = SamplePrep { plan, resolutions };
+                StepFeed::Online(Loader::new(config, source, prep, batches)?)
+            }
+            TeacherMode::Cache => {
+                let store = prepare_cache(spec, device, source.as_ref())?;
+                let prep = CachePrep { plan, resolutions };
+                StepFeed::Cached {
+                    loader: Loader::new(config, source, prep, batches)?,
+                    store,
+                    resolutions,
+                }
+            }
+        })
+    }
+
+    fn stats(&self) -> LoaderStats {
+        match self {
+            StepFeed::Online(loader) => loader.stats(),
+            StepFeed::Cached { loader, .. } => loader.stats(),
+        }
+    }
+
+    /// The next step's micro-batches of at most `micro` images, with their targets.
+    fn next_step(
+        &mut self,
+        trainer: &Trainer,
+        micro: usize,
+        rows_per_image: i64,
+    ) -> Result<Option<StepInput>, RunError> {
+        match self {
+            StepFeed::Online(loader) => {
+                let Some(loaded) = loader.next_batch() else {
+                    return Ok(None);
+                };
+                let (cursor, images, samples) = unpack(loaded)?;
+                let counts = GlobalCounts {
+                    crops: samples.iter().map(|s| s.grid_boxes.len() as i64).sum(),
+                    rows: samples.len() as i64 * rows_per_image,
+                };
+                let mut out = Vec::new();
+                for part in split(samples, micro) {
+                    let batch = sample::collate(part)?;
+                    let targets = trainer.online_targets(&batch)?;
+                    out.push((batch, targets));
+                }
+                Ok(Some((cursor, images, out, counts)))
+            }
+            StepFeed::Cached {
+                loader,
+                store,
+                resolutions,
+            } => {
+                let Some(loaded) = loader.next_batch() else {
+                    return Ok(None);
+                };
+                let (cursor, images, samples) = unpack(loaded)?;
+                let counts = GlobalCounts {
+                    crops: samples.iter().map(|s| s.grid_boxes.len() as i64).sum(),
+                    rows: samples.len() as i64 * rows_per_image,
+                };
+                let mut out = Vec::new();
+                for part in split(samples, micro) {
+                    let (batch, refs) = sample::collate_cached(part, *resolutions)?;
+                    let targets = store.targets(&refs, trainer.device())?;
+                    out.push((batch, targets));
+                }
+                Ok(Some((cursor, images, out, counts)))
+            }
+        }
+    }
+}
+
+fn unpack<T>(loaded: LoadedBatch<T>) -> Result<(Cursor, u64, Vec<T>), RunError> {
+    let cursor = loaded.cursor;
+    let images = loaded.indices.len() as u64;
+    Ok((cursor, images, loaded.into_samples()?))
+}
+
+/// `items` in consecutive runs of at most `size` (≥ 1), in order.
+fn split<T>(mut items: Vec<T>, size: usize) -> Vec<Vec<T>> {
+    let mut out = Vec::new();
+    while !items.is_empty() {
+        let tail = items.split_off(size.max(1).min(items.len()));
+        out.push(std::mem::replace(&mut items, tail));
+    }
+    out
 }
 
 fn log_step(step: u64, total: u64, cursor: Cursor, r: &StepReport, images_per_s: f64) {
