@@ -10,11 +10,13 @@
 //!   teachers and the coordinator must derive identically.
 //! - [`metrics`]: the metric catalog (names, units, labels, HELP) and the
 //!   Prometheus exporter every process serves `/metrics` with.
+//! - [`cache`]: the teacher cache contract: shard file names, image keys, fingerprint.
 //! - [`cli`]: the flags, logging and exit codes both binaries share.
 //! - [`wire`]: the control protocol (`declip.proto`, package `declip.v1`), generated
 //!   by tonic/prost; [`auth`] says how its calls carry the job's token.
 
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod dataset;

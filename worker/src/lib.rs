@@ -9,4 +9,5 @@ pub mod data;
 pub mod distill;
 pub mod model;
 pub mod runtime;
+pub mod teacher;
 pub mod train;

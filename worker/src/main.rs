@@ -47,6 +47,23 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Compute the frozen teachers' targets into the teacher cache
+    /// (job.run_dir/cache/shard-NNNNN.dcache, written atomically). With --standalone, in
+    /// this process without a coordinator; shards already cached with the same teacher
+    /// fingerprint are kept.
+    Teach {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Work without a coordinator (required for now).
+        #[arg(long)]
+        standalone: bool,
+        /// Only shards A..B (B excluded), or one shard A; default: every shard.
+        #[arg(long, value_name = "A..B")]
+        shards: Option<String>,
+        /// `auto`, `cpu`, `cuda` or `cuda:N`; default: teachers.device of the config.
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Write `alpha * student + (1 - alpha) * original` of a checkpoint as safetensors in
     /// the original key layout (EVA-CLIP / open_clip), loadable by `inspect`.
     Export {
@@ -210,6 +227,27 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
             let device = select(device.as_deref().unwrap_or(&job.trainers.device), info)?;
             let summary = worker::train::run::run_standalone(&job, device)?;
             print_summary(&summary);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Teach {
+            config,
+            standalone,
+            shards,
+            device,
+        } => {
+            let Some(job) = config.load_or_report().map(|loaded| loaded.spec) else {
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            };
+            anyhow::ensure!(
+                standalone,
+                "worker teach runs with --standalone for now (teaching under a coordinator is not built yet)"
+            );
+            let only = shards
+                .as_deref()
+                .map(commands::teach::parse_shards)
+                .transpose()?;
+            let device = select(device.as_deref().unwrap_or(&job.teachers.device), info)?;
+            commands::teach::teach_standalone(&job, only, device)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Export {

@@ -369,6 +369,10 @@ pub struct TeachersSpec {
     pub device: String,
     /// Seconds a shard lease lasts without a renewal; teachers renew at a third of it.
     pub lease_s: u64,
+    /// How the cache stores VFM features (docs/cache-format.md).
+    pub compression: Compression,
+    /// Channels kept by `compression = "pca"` (and the PCA candidate of `auto`).
+    pub pca_rank: usize,
 }
 
 impl Default for TeachersSpec {
@@ -378,6 +382,40 @@ impl Default for TeachersSpec {
             count: 1,
             device: "auto".into(),
             lease_s: 30,
+            compression: Compression::Auto,
+            pca_rank: 64,
+        }
+    }
+}
+
+/// VFM feature storage in the teacher cache. Crop embeddings are fp32 with `fp32`
+/// and fp16 otherwise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    /// Per shard, the smallest of pca / int8 / fp16 whose mean affinity error on the
+    /// shard's first images is at most 0.01 (fp16 if none is).
+    #[default]
+    Auto,
+    /// Exact: the only format with which cache mode equals online mode.
+    Fp32,
+    Fp16,
+    /// int8 with one fp32 scale per token (max |x| / 127).
+    Int8,
+    /// Projection onto `pca_rank` principal channels fitted on the shard's first
+    /// images; basis and mean stored in the shard file.
+    Pca,
+}
+
+impl Compression {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Auto => "auto",
+            Compression::Fp32 => "fp32",
+            Compression::Fp16 => "fp16",
+            Compression::Int8 => "int8",
+            Compression::Pca => "pca",
         }
     }
 }

@@ -388,6 +388,13 @@ fn check_coordinator(spec: &JobSpec, v: &mut Checks) {
         spec.teachers.lease_s,
         "an integer in 3..=3600 (teachers renew at a third of it)",
     );
+    let vfm_width = spec.model.vfm.arch().width;
+    v.require(
+        (1..=vfm_width.max(1)).contains(&spec.teachers.pca_rank),
+        "teachers.pca_rank",
+        spec.teachers.pca_rank,
+        format!("an integer in 1..={vfm_width} (the VFM width)"),
+    );
     v.require(
         spec.coordinator.listen.parse::<SocketAddr>().is_ok(),
         "coordinator.listen",

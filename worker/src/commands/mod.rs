@@ -7,3 +7,4 @@ pub mod export;
 pub mod inspect;
 pub mod remote;
 pub mod synth_coco;
+pub mod teach;

@@ -17,6 +17,7 @@ use std::fs::File;
 use std::io::{BufReader, ErrorKind};
 use std::path::{Path, PathBuf};
 
+use proto::cache::ContentKey;
 use proto::dataset::{
     check_file_name, DatasetError, DatasetIndex, ImageEntry, SkipCounts, SkipReason, SkippedImage,
 };
@@ -27,7 +28,7 @@ use serde::Deserialize;
 use super::image::{self, DecodeOptions, ImageError, RgbImage};
 use super::sample::SampleError;
 use super::skips::{SkippingSource, TooManySkips};
-use crate::data::source::ImageSource;
+use crate::data::source::{ImageSource, SourceImage};
 
 /// Buffer of the annotations reader, in bytes: large reads keep the per-byte parsing fed
 /// without holding more than this of the file in memory.
@@ -314,6 +315,11 @@ impl CocoSource {
     /// [`DecodeOptions::max_pixels`] → `too_large` (refused before any pixel is allocated),
     /// a size other than the json's → `size_mismatch`.
     pub fn load(&self, entry: &ImageEntry) -> Result<RgbImage, SkippedImage> {
+        self.load_keyed(entry).map(|(img, _)| img)
+    }
+
+    /// [`CocoSource::load`], also returning the cache key of the file's bytes.
+    pub fn load_keyed(&self, entry: &ImageEntry) -> Result<(RgbImage, ContentKey), SkippedImage> {
         let path = self.path(entry);
         let skipped = |reason, detail: String| SkippedImage {
             id: Some(entry.id),
@@ -347,7 +353,7 @@ impl CocoSource {
                 ),
             ));
         }
-        Ok(img)
+        Ok((img, ContentKey::of_file_bytes(&bytes)))
     }
 }
 
@@ -365,6 +371,17 @@ pub fn skip_reason(err: &ImageError) -> SkipReason {
     }
 }
 
+impl CocoSource {
+    fn entry(&self, index: u32) -> Result<&ImageEntry, SampleError> {
+        self.index.get(index).ok_or_else(|| {
+            SampleError::Batch(format!(
+                "sample index {index} is outside the dataset of {} images",
+                self.index.len()
+            ))
+        })
+    }
+}
+
 impl ImageSource for CocoSource {
     fn image_count(&self) -> u32 {
         self.index.image_count()
@@ -372,14 +389,20 @@ impl ImageSource for CocoSource {
 
     /// The image at `index`, or [`SampleError::Skipped`] naming its path and reason.
     fn image(&self, index: u32) -> Result<(u64, RgbImage), SampleError> {
-        let entry = self.index.get(index).ok_or_else(|| {
-            SampleError::Batch(format!(
-                "sample index {index} is outside the dataset of {} images",
-                self.index.len()
-            ))
-        })?;
+        let entry = self.entry(index)?;
         let img = self.load(entry).map_err(SampleError::Skipped)?;
         Ok((entry.id, img))
+    }
+
+    /// The image at `index` keyed by its file's bytes.
+    fn read(&self, index: u32) -> Result<SourceImage, SampleError> {
+        let entry = self.entry(index)?;
+        let (image, key) = self.load_keyed(entry).map_err(SampleError::Skipped)?;
+        Ok(SourceImage {
+            id: entry.id,
+            image,
+            key,
+        })
     }
 }
 

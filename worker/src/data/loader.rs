@@ -39,8 +39,8 @@ use proto::plan::crops::CropPlan;
 use proto::plan::order::Cursor;
 
 use super::image::RgbImage;
-use super::sample::{self, Resolutions, Sample, SampleError};
-use crate::data::source::ImageSource;
+use super::sample::{self, CachedSample, Resolutions, Sample, SampleError};
+use crate::data::source::{ImageSource, SourceImage};
 
 /// An image source the worker threads can share.
 pub type SharedSource = Arc<dyn ImageSource + Send + Sync>;
@@ -100,6 +100,23 @@ pub trait Prepare: Send + Sync + 'static {
         image_id: u64,
         epoch: u32,
     ) -> Result<Self::Output, SampleError>;
+
+    /// Whether [`Prepare::prepare_read`] needs the image's cache key (hashing costs a
+    /// pass over the file, so the loader reads keys only for preparations that ask).
+    fn needs_key(&self) -> bool {
+        false
+    }
+
+    /// Prepares `read` (index position `index`); the default ignores key and index.
+    fn prepare_read(
+        &self,
+        read: &SourceImage,
+        index: u32,
+        epoch: u32,
+    ) -> Result<Self::Output, SampleError> {
+        let _ = index;
+        self.prepare(&read.image, read.id, epoch)
+    }
 }
 
 impl<F, T> Prepare for F
@@ -124,6 +141,43 @@ impl Prepare for SamplePrep {
     type Output = Sample;
     fn prepare(&self, image: &RgbImage, image_id: u64, epoch: u32) -> Result<Sample, SampleError> {
         sample::prepare(image, image_id, epoch, &self.plan, self.resolutions)
+    }
+}
+
+/// The cache-mode preparation: [`sample::prepare_cached`] (student input, crop plan
+/// boxes and the record reference; no crop cutting, no VFM input).
+#[derive(Clone, Copy, Debug)]
+pub struct CachePrep {
+    pub plan: CropPlan,
+    pub resolutions: Resolutions,
+}
+
+impl Prepare for CachePrep {
+    type Output = CachedSample;
+    fn needs_key(&self) -> bool {
+        true
+    }
+
+    /// Only [`Prepare::prepare_read`] is used by the loader; this keys the pixels.
+    fn prepare(
+        &self,
+        image: &RgbImage,
+        image_id: u64,
+        epoch: u32,
+    ) -> Result<CachedSample, SampleError> {
+        let _ = (image, image_id, epoch);
+        Err(SampleError::Batch(
+            "a cache-mode sample needs its index and key: call prepare_read".into(),
+        ))
+    }
+
+    fn prepare_read(
+        &self,
+        read: &SourceImage,
+        index: u32,
+        epoch: u32,
+    ) -> Result<CachedSample, SampleError> {
+        sample::prepare_cached(read, index, epoch, &self.plan, self.resolutions)
     }
 }
 
@@ -493,8 +547,13 @@ impl<T: Send + 'static> Shared<T> {
     /// Worker side: reads and prepares one sample, catching panics into an error.
     fn run(&self, job: &Job) -> Result<T, LoadError> {
         let result = panic::catch_unwind(AssertUnwindSafe(|| {
-            let (id, image) = self.source.image(job.index)?;
-            Ok(self.prep.prepare(&image, id, job.epoch)?)
+            if self.prep.needs_key() {
+                let read = self.source.read(job.index)?;
+                Ok(self.prep.prepare_read(&read, job.index, job.epoch)?)
+            } else {
+                let (id, image) = self.source.image(job.index)?;
+                Ok(self.prep.prepare(&image, id, job.epoch)?)
+            }
         }));
         result.unwrap_or_else(|payload| {
             Err(LoadError::Panicked {

@@ -27,7 +27,7 @@ use proto::dataset::{SkipCounts, SkippedImage};
 
 use super::image::RgbImage;
 use super::sample::SampleError;
-use crate::data::source::ImageSource;
+use crate::data::source::{ImageSource, SourceImage};
 
 /// The job must stop: more images were skipped than `data.max_skip_fraction` allows.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -155,6 +155,11 @@ impl<S: ImageSource> ImageSource for SkippingSource<S> {
     /// The image at `index`, or the first good one after it (module doc). Fails with
     /// [`SampleError::TooManySkips`] once the skips exceed the limit.
     fn image(&self, index: u32) -> Result<(u64, RgbImage), SampleError> {
+        self.read(index).map(|r| (r.id, r.image))
+    }
+
+    /// The image at `index`, or the first good one after it, with its key.
+    fn read(&self, index: u32) -> Result<SourceImage, SampleError> {
         let n = self.inner.image_count();
         for k in 0..n {
             // (index + k) mod n, in u64 so it cannot overflow; the result is < n, a u32.
@@ -162,7 +167,7 @@ impl<S: ImageSource> ImageSource for SkippingSource<S> {
             if self.known_bad(i) {
                 continue;
             }
-            match self.inner.image(i) {
+            match self.inner.read(i) {
                 Err(SampleError::Skipped(skipped)) => self.record(i, skipped)?,
                 other => return other,
             }

@@ -1,9 +1,21 @@
 //! Where training images come from: an index of images, each with its dataset id.
 //! Sources are shared with the loader's threads, hence `Send + Sync` where used.
 
+use proto::cache::ContentKey;
+
 use super::image::RgbImage;
 use super::sample::SampleError;
 use super::synthetic;
+
+/// One image as read: the dataset id of the image actually read (after any skip
+/// replacement), its pixels, and its cache key.
+#[derive(Debug)]
+pub struct SourceImage {
+    pub id: u64,
+    pub image: RgbImage,
+    /// SHA-256 of the file's bytes (of the pixels for sources without files).
+    pub key: ContentKey,
+}
 
 /// Where the images come from.
 pub trait ImageSource {
@@ -11,6 +23,13 @@ pub trait ImageSource {
     fn image_count(&self) -> u32;
     /// The image at index position `index`: its dataset id and pixels.
     fn image(&self, index: u32) -> Result<(u64, RgbImage), SampleError>;
+    /// The image at `index` with its cache key. Sources that read files override this
+    /// to key the file's bytes; the default keys the decoded pixels.
+    fn read(&self, index: u32) -> Result<SourceImage, SampleError> {
+        let (id, image) = self.image(index)?;
+        let key = ContentKey::of_pixels(image.width, image.height, &image.pixels);
+        Ok(SourceImage { id, image, key })
+    }
 }
 
 /// The synthetic images of `data.source = "synthetic"` (ids 1..=n).

@@ -6,20 +6,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::dataset::SkipCounts;
-use proto::job::{DataSource, JobSpec};
+use proto::job::{DataSource, JobSpec, TeacherMode};
 use proto::plan::crops::CropPlan;
-use proto::plan::order::{Cursor, OrderError, OrderPlan};
+use proto::plan::order::{Cursor, OrderError, OrderPlan, Shards};
 use tch::Device;
 
 use super::checkpoint::{self, Checkpoint, CheckpointError, CheckpointState};
 use super::export::{self, ExportError};
-use super::trainer::{StepReport, TrainError, Trainer};
+use super::trainer::{GlobalCounts, StepReport, TrainError, Trainer};
 use crate::data::coco::{self, CocoError, CocoSource};
-use crate::data::loader::{LoadError, Loader, LoaderConfig, LoaderError, SamplePrep, SharedSource};
-use crate::data::sample::{self, Batch, Resolutions, SampleError};
+use crate::data::loader::{
+    BatchFeed, CachePrep, LoadError, LoadedBatch, Loader, LoaderConfig, LoaderError, LoaderStats,
+    SamplePrep, SharedSource,
+};
+use crate::data::sample::{self, Batch, CacheRef, CachedSample, Resolutions, Sample, SampleError};
 use crate::data::skips::SkippingSource;
+use crate::data::source::ImageSource;
 use crate::data::synth_coco::{self, SynthError};
 use crate::distill::step::Targets;
+use crate::teacher::cache::{CacheError, CacheStore};
+use crate::teacher::models::TeacherModels;
+use crate::teacher::shard::{ensure_shard, ShardOutcome};
+use crate::teacher::TeacherError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -45,6 +53,10 @@ pub enum RunError {
     Export(#[from] ExportError),
     #[error("{0}")]
     Unsupported(String),
+    #[error("teacher cache: {0}")]
+    Cache(#[from] CacheError),
+    #[error("teachers: {0}")]
+    Teacher(#[from] TeacherError),
     #[error("{dir} was written by another job config (hash {found}, this job {expected}); use another job.run_dir or remove the checkpoints")]
     ConfigChanged {
         dir: PathBuf,
@@ -65,26 +77,28 @@ pub struct RunSummary {
     pub checkpoint: Option<PathBuf>,
     pub exports: Vec<PathBuf>,
     pub wall: Duration,
+    /// Time inside the step loop (data wait, targets, steps, checkpoints, exports):
+    /// `wall` without building models and the teacher cache.
+    pub loop_wall: Duration,
     /// Bad images skipped, by reason (each replaced by the next good image in index
     /// order, see `data::skips`); all zero for synthetic data.
     pub skips: SkipCounts,
 }
 
-/// Runs the job in this process on `device` until its last step. Bad images are
-/// skipped, logged with their path, counted by reason and replaced deterministically;
-/// past `data.max_skip_fraction` the run fails (`data::skips`).
+/// Runs the job in this process on `device` until its last step.
 pub fn run_standalone(spec: &JobSpec, device: Device) -> Result<RunSummary, RunError> {
-    let (source, counted) = open_training_source(spec)?;
-    let mut summary = run(spec, device, source)?;
-    summary.skips = counted.counts();
+    let source = Arc::new(job_source(spec)?);
+    let mut summary = run(spec, device, source.clone())?;
+    summary.skips = source.counts();
     Ok(summary)
 }
 
-/// The job's training images: its synthetic dataset (written on first use) or its COCO
-/// dataset, behind the skipping source.
-pub fn open_training_source(
-    spec: &JobSpec,
-) -> Result<(SharedSource, Arc<SkippingSource<CocoSource>>), RunError> {
+/// The images of a job as trainers and teachers read them. The demo's synthetic data
+/// is a real COCO-format dataset written into the run directory, read through the same
+/// pipeline as COCO itself. Bad images are skipped, logged with their path, counted by
+/// reason and replaced deterministically; past `data.max_skip_fraction` reading fails
+/// (`data::skips`).
+pub fn job_source(spec: &JobSpec) -> Result<SkippingSource<CocoSource>, RunError> {
     let data = match spec.data.source {
         DataSource::Synthetic => {
             let root = PathBuf::from(&spec.job.run_dir).join("synthetic-coco");
@@ -92,44 +106,31 @@ pub fn open_training_source(
         }
         DataSource::Coco => spec.data.clone(),
     };
-    let source = Arc::new(coco::training_source(&data)?);
-    Ok((source.clone(), source))
+    Ok(coco::training_source(&data)?)
 }
 
-/// How the loader prepares one sample for this job.
-pub fn sample_prep(spec: &JobSpec) -> SamplePrep {
-    SamplePrep {
-        plan: CropPlan {
-            seed: spec.job.seed,
-            max_crops: spec.data.max_crops,
-        },
-        resolutions: Resolutions::of_job(spec),
+/// Cache mode in one process: computes every shard without a usable file (teachers
+/// built here and dropped afterwards), then opens the store the loop reads.
+pub fn prepare_cache(
+    spec: &JobSpec,
+    device: Device,
+    source: &dyn ImageSource,
+) -> Result<CacheStore, RunError> {
+    let shards = Shards::new(source.image_count(), spec.data.shard_size as u32)?;
+    let dir = proto::cache::cache_dir(Path::new(&spec.job.run_dir));
+    let models = TeacherModels::new(spec, device)?;
+    for shard in 0..shards.len() {
+        if let ShardOutcome::Written(w) = ensure_shard(spec, &models, source, &shards, shard, &dir)?
+        {
+            tracing::info!(
+                "teacher cache shard {shard}: {} images, {} bytes, sha256 {}",
+                w.images,
+                w.bytes,
+                w.checksum
+            );
+        }
     }
-}
-
-/// Images per forward on one of `world` trainers: `train.micro_batch_size`, or the
-/// trainer's whole share of the global batch.
-pub fn micro_batch_size(spec: &JobSpec, world: usize) -> usize {
-    let share = (spec.train.batch_size / world.max(1)).max(1);
-    spec.train.micro_batch_size.unwrap_or(share).clamp(1, share)
-}
-
-/// This trainer's samples cut into micro-batches of `micro`, each with its teachers'
-/// targets.
-pub fn targets_for(
-    trainer: &Trainer,
-    samples: Vec<crate::data::sample::Sample>,
-    micro: usize,
-) -> Result<Vec<(Batch, Targets)>, RunError> {
-    let mut micro_batches = Vec::new();
-    let mut rest = samples;
-    while !rest.is_empty() {
-        let tail = rest.split_off(micro.min(rest.len()));
-        let batch = sample::collate(std::mem::replace(&mut rest, tail))?;
-        let targets = trainer.online_targets(&batch)?;
-        micro_batches.push((batch, targets));
-    }
-    Ok(micro_batches)
+    Ok(CacheStore::open(&dir, &models.fingerprint(), shards))
 }
 
 /// The loop, over any image source (shared with the data loader's threads).
@@ -168,6 +169,7 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
         resumed_from = Some(dir);
     }
     let micro = micro_batch_size(spec, 1);
+    let rows_per_image = trainer.rows_per_image(spec.data.vfm_resolution);
     tracing::info!(
         "training {total} steps ({steps_per_epoch} per epoch, {} images, global batch {batch_size}, micro-batch {micro}) on {device:?}",
         source.image_count()
@@ -182,28 +184,25 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
         checkpoint: None,
         exports: Vec::new(),
         wall: Duration::ZERO,
+        loop_wall: Duration::ZERO,
         skips: SkipCounts::default(),
     };
     let mut last_saved = step;
     let mut window = (Instant::now(), 0u64);
     // Samples are prepared ahead on data.loader_threads threads, in the order's order.
-    let prep = sample_prep(spec);
-    let batches = order
-        .resume(cursor)?
-        .take(total.saturating_sub(step) as usize);
-    let mut loader = Loader::new(
-        LoaderConfig::from_spec(&spec.data),
-        source,
-        prep,
-        Box::new(batches),
-    )?;
+    let batches: BatchFeed = Box::new(
+        order
+            .resume(cursor)?
+            .take(total.saturating_sub(step) as usize),
+    );
+    let mut feed = StepFeed::new(spec, device, source, batches, None)?;
+    let loop_started = Instant::now();
     while step < total {
-        let loaded = loader.next_batch().ok_or(RunError::LoaderEnded(step))?;
-        debug_assert_eq!(loaded.cursor, cursor, "the loader follows the order");
-        let images = loaded.indices.len() as u64;
-        let samples = loaded.into_samples()?;
-        let micro_batches = targets_for(&trainer, samples, micro)?;
-        let report = trainer.train_step(step, &micro_batches, None)?;
+        let (loaded_cursor, images, micro_batches, counts) = feed
+            .next_step(&trainer, micro, rows_per_image, &mut LocalCache)?
+            .ok_or(RunError::LoaderEnded(step))?;
+        debug_assert_eq!(loaded_cursor, cursor, "the loader follows the order");
+        let report = trainer.train_step(step, &micro_batches, counts, None)?;
         step += 1;
         cursor.advance(steps_per_epoch);
         summary.steps_run += 1;
@@ -219,7 +218,7 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
                 window.1 as f64 / window.0.elapsed().as_secs_f64(),
             );
             window = (Instant::now(), 0);
-            tracing::info!("data: {}", loader.stats());
+            tracing::info!("data: {}", feed.stats());
         }
         if spec.checkpoint.every_steps > 0 && step % spec.checkpoint.every_steps == 0 {
             summary.checkpoint = Some(save(
@@ -253,8 +252,196 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
     export::write_atomic(&final_export, &trainer.merged_export(spec.export.alpha)?)?;
     summary.exports.push(final_export);
     summary.final_step = step;
+    summary.loop_wall = loop_started.elapsed();
     summary.wall = started.elapsed();
     Ok(summary)
+}
+
+/// One step's inputs: its cursor, images, micro-batches with targets, this trainer's
+/// item counts (the trainer sums them over the ranks).
+pub(crate) type StepInput = (Cursor, u64, Vec<(Batch, Targets)>, GlobalCounts);
+
+/// What a cache-mode step does when the shards it reads are not usable: standalone, they
+/// were all computed up front, so it fails; under a coordinator it asks for them and
+/// waits (`train::distributed`).
+pub(crate) trait CacheGate {
+    /// Returns once every shard of `shards` can be read (or fails, naming them).
+    fn ready(&mut self, store: &CacheStore, shards: &[u32]) -> Result<(), RunError>;
+    /// A record failed its checks: `Ok` once its shard was recomputed and may be read
+    /// again, `Err` to fail the step.
+    fn corrupt(&mut self, store: &CacheStore, err: CacheError) -> Result<(), RunError>;
+}
+
+/// Standalone: every shard was computed before the loop; a bad record fails the run.
+pub(crate) struct LocalCache;
+
+impl CacheGate for LocalCache {
+    fn ready(&mut self, store: &CacheStore, shards: &[u32]) -> Result<(), RunError> {
+        Ok(store.wait_for(shards, Duration::ZERO, Duration::ZERO)?)
+    }
+
+    fn corrupt(&mut self, _: &CacheStore, err: CacheError) -> Result<(), RunError> {
+        Err(err.into())
+    }
+}
+
+/// How often a step re-reads a shard that was corrupt and is being recomputed.
+const MAX_CACHE_RETRIES: usize = 3;
+
+/// Where a step's batches and targets come from: the online loader (crops and VFM
+/// inputs prepared, teachers run in the trainer) or the cache loader (student inputs
+/// and record references only, targets read from the teacher cache).
+pub(crate) enum StepFeed {
+    Online(Loader<Sample>),
+    Cached {
+        loader: Loader<CachedSample>,
+        store: CacheStore,
+        resolutions: Resolutions,
+    },
+}
+
+impl StepFeed {
+    /// The feed of `spec`'s teacher mode. Cache mode reads `store`, or (standalone,
+    /// `None`) computes the missing shards in this process first.
+    pub(crate) fn new(
+        spec: &JobSpec,
+        device: Device,
+        source: SharedSource,
+        batches: BatchFeed,
+        store: Option<CacheStore>,
+    ) -> Result<Self, RunError> {
+        let (plan, resolutions) = (crop_plan(spec), Resolutions::of_job(spec));
+        let config = LoaderConfig::from_spec(&spec.data);
+        Ok(match spec.teachers.mode {
+            TeacherMode::Online => {
+                let prep = SamplePrep { plan, resolutions };
+                StepFeed::Online(Loader::new(config, source, prep, batches)?)
+            }
+            TeacherMode::Cache => {
+                let store = match store {
+                    Some(store) => store,
+                    None => prepare_cache(spec, device, source.as_ref())?,
+                };
+                let prep = CachePrep { plan, resolutions };
+                StepFeed::Cached {
+                    loader: Loader::new(config, source, prep, batches)?,
+                    store,
+                    resolutions,
+                }
+            }
+        })
+    }
+
+    pub(crate) fn stats(&self) -> LoaderStats {
+        match self {
+            StepFeed::Online(loader) => loader.stats(),
+            StepFeed::Cached { loader, .. } => loader.stats(),
+        }
+    }
+
+    /// The next step's micro-batches of at most `micro` images, with their targets.
+    pub(crate) fn next_step(
+        &mut self,
+        trainer: &Trainer,
+        micro: usize,
+        rows_per_image: i64,
+        gate: &mut dyn CacheGate,
+    ) -> Result<Option<StepInput>, RunError> {
+        match self {
+            StepFeed::Online(loader) => {
+                let Some(loaded) = loader.next_batch() else {
+                    return Ok(None);
+                };
+                let (cursor, images, samples) = unpack(loaded)?;
+                let counts = GlobalCounts {
+                    crops: samples.iter().map(|s| s.grid_boxes.len() as i64).sum(),
+                    rows: samples.len() as i64 * rows_per_image,
+                };
+                let mut out = Vec::new();
+                for part in split(samples, micro) {
+                    let batch = sample::collate(part)?;
+                    let targets = trainer.online_targets(&batch)?;
+                    out.push((batch, targets));
+                }
+                Ok(Some((cursor, images, out, counts)))
+            }
+            StepFeed::Cached {
+                loader,
+                store,
+                resolutions,
+            } => {
+                let Some(loaded) = loader.next_batch() else {
+                    return Ok(None);
+                };
+                let (cursor, images, samples) = unpack(loaded)?;
+                let counts = GlobalCounts {
+                    crops: samples.iter().map(|s| s.grid_boxes.len() as i64).sum(),
+                    rows: samples.len() as i64 * rows_per_image,
+                };
+                let indices: Vec<u32> = samples.iter().map(|s| s.record.index).collect();
+                gate.ready(store, &store.shards_needed(&indices)?)?;
+                let mut out = Vec::new();
+                for part in split(samples, micro) {
+                    let (batch, refs) = sample::collate_cached(part, *resolutions)?;
+                    let targets = read_targets(store, &refs, trainer.device(), gate)?;
+                    out.push((batch, targets));
+                }
+                Ok(Some((cursor, images, out, counts)))
+            }
+        }
+    }
+}
+
+/// A micro-batch's cached targets; a corrupt record goes through `gate` (recompute and
+/// retry) at most [`MAX_CACHE_RETRIES`] times.
+fn read_targets(
+    store: &CacheStore,
+    refs: &[CacheRef],
+    device: Device,
+    gate: &mut dyn CacheGate,
+) -> Result<Targets, RunError> {
+    let mut tries = 0;
+    loop {
+        match store.targets(refs, device) {
+            Ok(targets) => return Ok(targets),
+            Err(err) if tries < MAX_CACHE_RETRIES => {
+                tries += 1;
+                gate.corrupt(store, err)?;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// The crop plan of `spec` (seed and crop budget).
+pub(crate) fn crop_plan(spec: &JobSpec) -> CropPlan {
+    CropPlan {
+        seed: spec.job.seed,
+        max_crops: spec.data.max_crops,
+    }
+}
+
+/// Images per forward on one of `world` trainers: `train.micro_batch_size`, or the
+/// trainer's whole share of the global batch.
+pub fn micro_batch_size(spec: &JobSpec, world: usize) -> usize {
+    let share = (spec.train.batch_size / world.max(1)).max(1);
+    spec.train.micro_batch_size.unwrap_or(share).clamp(1, share)
+}
+
+fn unpack<T>(loaded: LoadedBatch<T>) -> Result<(Cursor, u64, Vec<T>), RunError> {
+    let cursor = loaded.cursor;
+    let images = loaded.indices.len() as u64;
+    Ok((cursor, images, loaded.into_samples()?))
+}
+
+/// `items` in consecutive runs of at most `size` (≥ 1), in order.
+fn split<T>(mut items: Vec<T>, size: usize) -> Vec<Vec<T>> {
+    let mut out = Vec::new();
+    while !items.is_empty() {
+        let tail = items.split_off(size.max(1).min(items.len()));
+        out.push(std::mem::replace(&mut items, tail));
+    }
+    out
 }
 
 fn log_step(step: u64, total: u64, cursor: Cursor, r: &StepReport, images_per_s: f64) {

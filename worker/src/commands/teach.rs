@@ -1,0 +1,78 @@
+//! `worker teach --standalone`: writes the job's teacher cache shards in this process,
+//! without a coordinator. Shards with a usable file (same fingerprint) are kept.
+
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::Context;
+use proto::job::JobSpec;
+use proto::plan::order::Shards;
+use tch::Device;
+use worker::data::source::ImageSource;
+use worker::teacher::models::TeacherModels;
+use worker::teacher::shard::{ensure_shard, ShardOutcome};
+
+/// Parses `A..B` (shards A to B-1) or `A` (one shard).
+pub fn parse_shards(text: &str) -> anyhow::Result<Range<u32>> {
+    let number = |s: &str| {
+        s.trim()
+            .parse::<u32>()
+            .with_context(|| format!("--shards {text:?}: expected A..B or A"))
+    };
+    match text.split_once("..") {
+        Some((a, b)) => Ok(number(a)?..number(b)?),
+        None => {
+            let a = number(text)?;
+            Ok(a..a.saturating_add(1))
+        }
+    }
+}
+
+/// Computes shards `only` (all when `None`) of `spec` on `device`, printing one line
+/// per shard: `shard N written|present file checksum bytes images`.
+pub fn teach_standalone(
+    spec: &JobSpec,
+    only: Option<Range<u32>>,
+    device: Device,
+) -> anyhow::Result<()> {
+    let source = worker::train::run::job_source(spec).context("opening the dataset")?;
+    let shards = Shards::new(source.image_count(), spec.data.shard_size as u32)
+        .context("planning shards")?;
+    let wanted = only.unwrap_or(0..shards.len());
+    anyhow::ensure!(
+        wanted.end <= shards.len(),
+        "--shards {}..{}: the dataset has {} shards (0..{})",
+        wanted.start,
+        wanted.end,
+        shards.len(),
+        shards.len()
+    );
+    let models = TeacherModels::new(spec, device).context("building the teachers")?;
+    let dir = proto::cache::cache_dir(Path::new(&spec.job.run_dir));
+    tracing::info!(
+        "teacher fingerprint {}; writing shards {}..{} of {} into {}",
+        models.fingerprint(),
+        wanted.start,
+        wanted.end,
+        shards.len(),
+        dir.display()
+    );
+    for shard in wanted {
+        let outcome = ensure_shard(spec, &models, &source, &shards, shard, &dir)
+            .with_context(|| format!("shard {shard}"))?;
+        match outcome {
+            ShardOutcome::Present { shard } => println!(
+                "shard {shard} present {}",
+                proto::cache::shard_path(&dir, shard).display()
+            ),
+            ShardOutcome::Written(w) => println!(
+                "shard {shard} written {} sha256 {} bytes {} images {}",
+                w.file.display(),
+                w.checksum,
+                w.bytes,
+                w.images
+            ),
+        }
+    }
+    Ok(())
+}
