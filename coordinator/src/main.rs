@@ -168,36 +168,26 @@ async fn serve(
         tls: ServerTls::from_spec(&spec.coordinator),
     };
     let running = coordinator::start(spec, opts).await?;
-    let drainer = running.subscribe();
-    let core_drain = {
-        // Ctrl-C drains once; a second Ctrl-C exits at once.
-        let status = drainer.clone();
-        async move {
-            let _ = tokio::signal::ctrl_c().await;
-            status
-        }
-    };
-    tokio::pin!(core_drain);
-    let finished = running_finished(running, &mut core_drain).await?;
-    Ok(match finished {
+    Ok(match wait_or_drain(running).await? {
         JobPhase::Completed | JobPhase::Stopped => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     })
 }
 
-/// Waits for the job to finish, draining it on the first Ctrl-C.
-async fn running_finished<F>(
-    running: coordinator::Running,
-    ctrl_c: &mut std::pin::Pin<&mut F>,
-) -> anyhow::Result<JobPhase>
-where
-    F: std::future::Future,
-{
+/// Waits for the job to finish. The first Ctrl-C or SIGTERM drains it (a checkpoint at
+/// the next step, then Stop); a second Ctrl-C exits at once.
+async fn wait_or_drain(running: coordinator::Running) -> anyhow::Result<JobPhase> {
     let mut status = running.subscribe();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     tokio::select! {
-        _ = ctrl_c.as_mut() => {
+        _ = tokio::signal::ctrl_c() => {
             tracing::info!("Ctrl-C: draining (press again to exit at once)");
             running.drain("Ctrl-C");
+        }
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM: draining");
+            running.drain("SIGTERM");
         }
         _ = status.wait_for(|s| coordinator::service::is_terminal(s.phase)) => {}
     }

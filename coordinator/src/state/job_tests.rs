@@ -226,3 +226,68 @@ fn a_silent_worker_is_lost_after_the_heartbeat_timeout() {
     assert_eq!(s.phase(), JobPhase::Recovering);
     assert!(s.worker(&a).unwrap().session.is_none());
 }
+
+#[test]
+fn on_cuda_rank_0s_nccl_id_goes_to_every_member_once() {
+    let t0 = Instant::now();
+    let mut spec = spec();
+    spec.trainers.device = "cuda:0".into();
+    let cfg = JobConfig::from_spec(&spec, 96).unwrap();
+    let mut s = JobState::new(cfg, None, t0).unwrap();
+    let (a, sa) = trainer(&mut s, 0, t0);
+    let (b, sb) = trainer(&mut s, 0, t0);
+    s.report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    let out = s
+        .report(&b, sb, report(&b, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    let j = joins(&out);
+    assert_eq!(j[0].1.backend, CollectiveBackend::Nccl as i32);
+    // A report without the id, or from rank 1, sends nothing.
+    let mut with_id = report(&b, WorkerState::Joining, 1, 0);
+    with_id.nccl_unique_id = vec![7; 128];
+    assert!(s.report(&b, sb, with_id.clone(), t0).unwrap().is_empty());
+    with_id.worker_id = a.clone();
+    let out = s.report(&a, sa, with_id.clone(), t0).unwrap();
+    let ids: Vec<&String> = out
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Send(
+                id,
+                Command {
+                    kind: Some(command::Kind::NcclId(n)),
+                },
+            ) if n.generation == 1 && n.unique_id == vec![7; 128] => Some(id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, [&a, &b]);
+    assert!(
+        s.report(&a, sa, with_id, t0).unwrap().is_empty(),
+        "sent once"
+    );
+}
+
+#[test]
+fn a_replayed_journal_gives_the_same_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let cfg = JobConfig::from_spec(&spec(), 96).unwrap();
+    let (journal, _) = Journal::open(dir.path(), false).unwrap();
+    let mut s = JobState::new(cfg.clone(), Some(journal), t0).unwrap();
+    let (a, sa) = trainer(&mut s, 7001, t0);
+    s.report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    s.tick(t0 + Duration::from_secs(11)).unwrap();
+    s.report(&a, sa, report(&a, WorkerState::Training, 1, 4), t0)
+        .unwrap();
+    s.commit_checkpoint(&ckpt_req(&a, 1, 4)).unwrap();
+    drop(s);
+    let (journal, records) = Journal::open(dir.path(), true).unwrap();
+    let r = JobState::replay(cfg, journal, &records, t0).unwrap();
+    assert_eq!(r.generation(), 1);
+    assert_eq!(r.phase(), JobPhase::Recovering);
+    assert_eq!(r.checkpoints().latest_step(), 4);
+    assert!(r.world().is_none());
+    assert!(r.worker(&a).is_some());
+}

@@ -12,253 +12,30 @@
 //!   [`SkippingSource`], which replaces bad images deterministically and enforces
 //!   `data.max_skip_fraction`.
 
-use std::fmt;
-use std::fs::File;
-use std::io::{BufReader, ErrorKind};
-use std::path::{Path, PathBuf};
+use std::io::ErrorKind;
+use std::path::PathBuf;
 
 use proto::cache::ContentKey;
-use proto::dataset::{
-    check_file_name, DatasetError, DatasetIndex, ImageEntry, SkipCounts, SkipReason, SkippedImage,
+pub use proto::dataset::coco::{
+    check_files, open_index, read_annotations, CocoError as IndexError, CocoIndex, CocoPaths,
 };
+use proto::dataset::{DatasetIndex, ImageEntry, SkipReason, SkippedImage};
 use proto::job::DataSpec;
-use serde::de::{self, Deserializer as _, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
 
 use super::image::{self, DecodeOptions, ImageError, RgbImage};
 use super::sample::SampleError;
 use super::skips::{SkippingSource, TooManySkips};
 use crate::data::source::{ImageSource, SourceImage};
 
-/// Buffer of the annotations reader, in bytes: large reads keep the per-byte parsing fed
-/// without holding more than this of the file in memory.
-const READ_BUFFER: usize = 1 << 20;
-
 /// Why a dataset could not be opened at all (as opposed to single bad images, which are
 /// skipped).
 #[derive(Debug, thiserror::Error)]
 pub enum CocoError {
-    #[error("data.coco_root is not set (required when data.source = \"coco\")")]
-    NoRoot,
-    #[error("{path}: cannot read the annotations: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Malformed json or a schema error (an `images` entry without `width`, ...).
-    /// `line` and `column` are 1-based, as serde_json counts them.
-    #[error("{path}: invalid COCO json at line {line}, column {column}: {message}")]
-    Json {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        message: String,
-    },
-    #[error("{path}: {source}")]
-    Index {
-        path: PathBuf,
-        #[source]
-        source: DatasetError,
-    },
+    /// The annotations or the image folder could not be indexed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
     #[error(transparent)]
     TooManySkips(#[from] TooManySkips),
-}
-
-impl CocoError {
-    fn json(path: &Path, err: serde_json::Error) -> Self {
-        let (line, column) = (err.line(), err.column());
-        let text = err.to_string();
-        // serde_json appends " at line L column C"; we say it once, up front.
-        let suffix = format!(" at line {line} column {column}");
-        let message = text.strip_suffix(&suffix).unwrap_or(&text).to_string();
-        Self::Json {
-            path: path.to_path_buf(),
-            line,
-            column,
-            message,
-        }
-    }
-}
-
-/// The annotations of a dataset as an index, with what was left out of it.
-#[derive(Clone, Debug, Default)]
-pub struct CocoIndex {
-    /// The usable images, sorted by id.
-    pub images: DatasetIndex,
-    /// `images` entries in the annotations (usable or not): the base of
-    /// `data.max_skip_fraction`.
-    pub entries: u64,
-    /// Every entry left out, in the order found.
-    pub skipped: Vec<SkippedImage>,
-    /// `skipped` counted by reason.
-    pub counts: SkipCounts,
-}
-
-impl CocoIndex {
-    fn skip(&mut self, skipped: SkippedImage) {
-        self.counts.add(skipped.reason);
-        self.skipped.push(skipped);
-    }
-}
-
-/// The fields of an `images` entry we use; other fields (`license`, `coco_url`, ...) are
-/// ignored.
-#[derive(Deserialize)]
-struct RawImage {
-    id: u64,
-    file_name: String,
-    width: u32,
-    height: u32,
-}
-
-/// A top-level map visitor that keeps `images` and skips every other value with
-/// [`IgnoredAny`], so memory stays bounded by the image list whatever the file size.
-struct ImagesOnly;
-
-impl<'de> Visitor<'de> for ImagesOnly {
-    type Value = Vec<RawImage>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a COCO json object with an \"images\" list")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut images = None;
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "images" {
-                if images.is_some() {
-                    return Err(de::Error::duplicate_field("images"));
-                }
-                images = Some(map.next_value::<Vec<RawImage>>()?);
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        images.ok_or_else(|| de::Error::missing_field("images"))
-    }
-}
-
-/// Reads the `images` of a COCO instances or panoptic json at `path` into an index.
-///
-/// Entries whose `file_name` fails [`check_file_name`] are skipped as
-/// [`SkipReason::PathTraversal`]; an id seen before is skipped as
-/// [`SkipReason::DuplicateId`] (the first entry in file order is kept). Malformed json is
-/// an error naming the file, line and column.
-pub fn read_annotations(path: &Path) -> Result<CocoIndex, CocoError> {
-    let file = File::open(path).map_err(|source| CocoError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut json =
-        serde_json::Deserializer::from_reader(BufReader::with_capacity(READ_BUFFER, file));
-    let raw = json
-        .deserialize_map(ImagesOnly)
-        .map_err(|e| CocoError::json(path, e))?;
-    json.end().map_err(|e| CocoError::json(path, e))?;
-
-    let mut index = CocoIndex {
-        entries: raw.len() as u64,
-        ..CocoIndex::default()
-    };
-    let mut entries = Vec::with_capacity(raw.len());
-    for r in raw {
-        match check_file_name(&r.file_name) {
-            Ok(()) => entries.push(ImageEntry {
-                id: r.id,
-                file_name: r.file_name,
-                width: r.width,
-                height: r.height,
-            }),
-            Err(reason) => index.skip(SkippedImage {
-                id: Some(r.id),
-                detail: format!(
-                    "file_name {:?} is absolute or leaves the image folder; not opened",
-                    r.file_name
-                ),
-                path: r.file_name,
-                reason,
-            }),
-        }
-    }
-    let (images, repeated) = DatasetIndex::new(entries).map_err(|source| CocoError::Index {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    for r in repeated {
-        let first = images
-            .position(r.id)
-            .and_then(|i| images.get(i))
-            .map_or(String::new(), |e| e.file_name.clone());
-        index.skip(SkippedImage {
-            id: Some(r.id),
-            detail: format!("image id {} is already used by {first:?}", r.id),
-            path: r.file_name,
-            reason: SkipReason::DuplicateId,
-        });
-    }
-    index.images = images;
-    Ok(index)
-}
-
-/// Drops from `index` the images whose file under `images_dir` is missing, empty or not a
-/// regular file, recording each as skipped. One `stat` per image, in index order.
-pub fn check_files(index: &mut CocoIndex, images_dir: &Path) {
-    let mut found = Vec::new();
-    for entry in index.images.images() {
-        let path = images_dir.join(&entry.file_name);
-        let problem = match std::fs::metadata(&path) {
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                Some((SkipReason::Missing, "no such file".to_string()))
-            }
-            Err(e) => Some((SkipReason::Unreadable, e.to_string())),
-            Ok(m) if !m.is_file() => Some((SkipReason::Unreadable, "not a file".to_string())),
-            Ok(m) if m.len() == 0 => Some((SkipReason::Empty, "zero bytes".to_string())),
-            Ok(_) => None,
-        };
-        if let Some((reason, detail)) = problem {
-            found.push(SkippedImage {
-                id: Some(entry.id),
-                path: path.display().to_string(),
-                reason,
-                detail,
-            });
-        }
-    }
-    let bad: std::collections::HashSet<u64> = found.iter().filter_map(|s| s.id).collect();
-    index.images.retain(|e| !bad.contains(&e.id));
-    for s in found {
-        index.skip(s);
-    }
-}
-
-/// Where a job's COCO data lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CocoPaths {
-    /// `coco_root / annotations`.
-    pub annotations: PathBuf,
-    /// `coco_root / images_dir`.
-    pub images_dir: PathBuf,
-}
-
-impl CocoPaths {
-    /// The paths of `data` (which must have `coco_root`).
-    pub fn of(data: &DataSpec) -> Result<Self, CocoError> {
-        let root = PathBuf::from(data.coco_root.as_deref().ok_or(CocoError::NoRoot)?);
-        Ok(Self {
-            annotations: root.join(&data.annotations),
-            images_dir: root.join(&data.images_dir),
-        })
-    }
-}
-
-/// Reads the annotations of `data` and checks that each image's file exists and is not
-/// empty ([`read_annotations`] then [`check_files`]).
-pub fn open_index(data: &DataSpec) -> Result<(CocoIndex, CocoPaths), CocoError> {
-    let paths = CocoPaths::of(data)?;
-    let mut index = read_annotations(&paths.annotations)?;
-    check_files(&mut index, &paths.images_dir);
-    Ok((index, paths))
 }
 
 /// The training source of `data`: the index ([`open_index`]) behind a [`SkippingSource`].
@@ -410,108 +187,11 @@ impl ImageSource for CocoSource {
 mod tests {
     use super::*;
 
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
     /// The loader shares the training source between threads.
     #[test]
     fn the_training_source_can_be_shared_between_threads() {
         fn shareable<T: Send + Sync + 'static>() {}
         shareable::<SkippingSource<CocoSource>>();
-    }
-
-    #[test]
-    fn only_images_are_kept_and_other_sections_are_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(
-            dir.path(),
-            "a.json",
-            r#"{"info": {"year": 2017, "nested": [1, {"x": null}]},
-                "annotations": [{"segmentation": [[1.5, 2, 3]], "image_id": 3, "id": 1}],
-                "images": [
-                    {"id": 3, "file_name": "c.jpg", "width": 30, "height": 20, "license": 1},
-                    {"id": 1, "file_name": "a.jpg", "width": 10, "height": 5,
-                     "coco_url": "http://x/a.jpg", "extra": {"deep": [true]}}
-                ],
-                "segments_info_like_panoptic": [], "categories": [{"id": 1, "name": "x"}]}"#,
-        );
-        let index = read_annotations(&path).unwrap();
-        assert_eq!(index.entries, 2);
-        assert!(index.skipped.is_empty());
-        let names: Vec<&str> = index
-            .images
-            .images()
-            .iter()
-            .map(|e| e.file_name.as_str())
-            .collect();
-        assert_eq!(names, ["a.jpg", "c.jpg"]);
-        assert_eq!(index.images.get(0).unwrap().width, 10);
-    }
-
-    #[test]
-    fn duplicates_and_traversal_are_skipped_and_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(
-            dir.path(),
-            "a.json",
-            r#"{"images": [
-                {"id": 5, "file_name": "five.jpg", "width": 1, "height": 1},
-                {"id": 6, "file_name": "../evil.jpg", "width": 1, "height": 1},
-                {"id": 7, "file_name": "/etc/passwd", "width": 1, "height": 1},
-                {"id": 5, "file_name": "five-again.jpg", "width": 1, "height": 1}
-            ]}"#,
-        );
-        let index = read_annotations(&path).unwrap();
-        assert_eq!(index.entries, 4);
-        assert_eq!(index.images.len(), 1);
-        assert_eq!(index.images.get(0).unwrap().file_name, "five.jpg");
-        assert_eq!(index.counts.get(SkipReason::PathTraversal), 2);
-        assert_eq!(index.counts.get(SkipReason::DuplicateId), 1);
-        let dup = &index.skipped[2];
-        assert_eq!(dup.path, "five-again.jpg");
-        assert!(dup.detail.contains("five.jpg"), "{dup}");
-        assert_eq!(index.skipped[0].path, "../evil.jpg");
-    }
-
-    #[test]
-    fn malformed_json_names_the_file_line_and_column() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(
-            dir.path(),
-            "bad.json",
-            "{\n  \"images\": [\n    {\"id\": 1, \"file_name\": \"a.jpg\", \"width\": 10 \"height\": 5}\n  ]\n}\n",
-        );
-        let err = read_annotations(&path).unwrap_err();
-        let CocoError::Json { line, column, .. } = &err else {
-            panic!("{err}");
-        };
-        assert_eq!(*line, 3);
-        // Column of the `"` that should have been a `,`.
-        let expected = "    {\"id\": 1, \"file_name\": \"a.jpg\", \"width\": 10 \"".len();
-        assert_eq!(*column, expected, "{err}");
-        let text = err.to_string();
-        assert!(
-            text.contains("bad.json") && text.contains(&format!("line 3, column {expected}")),
-            "{text}"
-        );
-
-        let schema = write(
-            dir.path(),
-            "schema.json",
-            r#"{"images": [{"id": 1, "file_name": "a.jpg", "width": 10}]}"#,
-        );
-        let err = read_annotations(&schema).unwrap_err().to_string();
-        assert!(err.contains("height") && err.contains("line 1"), "{err}");
-        let no_images = write(dir.path(), "none.json", r#"{"annotations": []}"#);
-        let err = read_annotations(&no_images).unwrap_err().to_string();
-        assert!(err.contains("images"), "{err}");
-        let trailing = write(dir.path(), "trailing.json", r#"{"images": []} x"#);
-        assert!(read_annotations(&trailing).is_err());
-        let missing = read_annotations(&dir.path().join("nope.json")).unwrap_err();
-        assert!(matches!(missing, CocoError::Io { .. }), "{missing}");
     }
 
     #[test]
