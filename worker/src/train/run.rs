@@ -184,7 +184,7 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
             let targets = trainer.online_targets(&batch)?;
             micro_batches.push((batch, targets));
         }
-        let report = trainer.train_step(step, &micro_batches, counts)?;
+        let report = trainer.train_step(step, &micro_batches, counts, None)?;
         step += 1;
         cursor.advance(steps_per_epoch);
         summary.steps_run += 1;
