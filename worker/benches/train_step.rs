@@ -109,7 +109,7 @@ fn run_case(name: &str, batch: usize, runs: usize) {
         let targets = trainer.online_targets(&b).expect("targets");
         let t2 = Instant::now();
         trainer
-            .train_step(step, &[(b, targets)], counts)
+            .train_step(step, &[(b, targets)], counts, None)
             .expect("step");
         let t3 = Instant::now();
         if step > 0 {

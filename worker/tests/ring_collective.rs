@@ -35,20 +35,26 @@ fn on_ring<T: Send>(
             .map(|(rank, l)| {
                 let (peers, f) = (peers.clone(), &f);
                 s.spawn(move || {
-                    let mut ring = RingCollective::connect(l, 3, rank, &peers, TIMEOUT).expect("ring");
+                    let mut ring =
+                        RingCollective::connect(l, 3, rank, &peers, TIMEOUT).expect("ring");
                     ring.set_chunk_bytes(chunk_bytes);
                     f(rank, &mut ring)
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("rank")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank"))
+            .collect()
     })
 }
 
 /// Values whose sums round differently in different orders.
 fn values(rank: usize, n: usize) -> Vec<f32> {
     (0..n)
-        .map(|i| (((i * 7919 + rank * 104_729) % 1013) as f32 - 506.0) * 0.1371 + rank as f32 * 1e-3)
+        .map(|i| {
+            (((i * 7919 + rank * 104_729) % 1013) as f32 - 506.0) * 0.1371 + rank as f32 * 1e-3
+        })
         .collect()
 }
 
@@ -64,14 +70,23 @@ fn all_reduce_sums_odd_sizes_and_ranks_agree_bitwise() {
                 v
             });
             for (rank, r) in results.iter().enumerate() {
-                let same = r.iter().zip(&results[0]).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "world {world}, n {n}: rank {rank} differs from rank 0");
+                let same = r
+                    .iter()
+                    .zip(&results[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "world {world}, n {n}: rank {rank} differs from rank 0"
+                );
             }
             let inputs: Vec<Vec<f32>> = (0..world).map(|r| values(r, n)).collect();
             for i in 0..n {
                 let exact: f64 = inputs.iter().map(|v| f64::from(v[i])).sum();
                 let got = f64::from(results[0][i]);
-                assert!((got - exact).abs() <= 1e-4 * exact.abs().max(1.0), "world {world}, n {n}, [{i}]: {got} vs {exact}");
+                assert!(
+                    (got - exact).abs() <= 1e-4 * exact.abs().max(1.0),
+                    "world {world}, n {n}, [{i}]: {got} vs {exact}"
+                );
             }
         }
     }
@@ -86,7 +101,11 @@ fn tensor_all_reduce_and_broadcast_work_in_f32_and_f64() {
         let mut b = Tensor::arange(1000, (Kind::Float, Device::Cpu)) * (rank as f64 + 1.0);
         ring.broadcast(&mut b, 1).expect("broadcast from rank 1");
         ring.barrier().expect("barrier");
-        (Vec::<f64>::try_from(a.view([-1])).unwrap(), Vec::<f32>::try_from(&b).unwrap(), ring.sequence())
+        (
+            Vec::<f64>::try_from(a.view([-1])).unwrap(),
+            Vec::<f32>::try_from(&b).unwrap(),
+            ring.sequence(),
+        )
     });
     for (a, b, seq) in out {
         assert!(a.iter().all(|&x| x == 6.0));
@@ -100,9 +119,15 @@ fn bf16_and_non_contiguous_buffers_are_refused_on_cpu() {
     worker::runtime::init();
     on_ring(1, 1024, |_, ring| {
         let mut bf = Tensor::ones([4], (Kind::BFloat16, Device::Cpu));
-        assert!(matches!(ring.all_reduce_sum(&mut bf), Err(CommError::Unsupported(_))));
+        assert!(matches!(
+            ring.all_reduce_sum(&mut bf),
+            Err(CommError::Unsupported(_))
+        ));
         let mut strided = Tensor::ones([4, 4], (Kind::Float, Device::Cpu)).transpose(0, 1);
-        assert!(matches!(ring.all_reduce_sum(&mut strided), Err(CommError::Unsupported(_))));
+        assert!(matches!(
+            ring.all_reduce_sum(&mut strided),
+            Err(CommError::Unsupported(_))
+        ));
     });
 }
 
@@ -112,7 +137,12 @@ fn mismatched_calls_fail_instead_of_mixing_buffers() {
         let mut v = vec![1.0f32; 10 + rank];
         ring.all_reduce_slice(&mut v).err().map(|e| e.to_string())
     });
-    assert!(errors.iter().any(|e| e.as_deref().is_some_and(|e| e.contains("made call"))), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.as_deref().is_some_and(|e| e.contains("made call"))),
+        "{errors:?}"
+    );
     assert!(errors.iter().all(Option::is_some), "{errors:?}");
 }
 
@@ -129,7 +159,8 @@ fn abort_from_another_thread_unblocks_a_collective_promptly() {
             rx.recv().ok();
             drop(ring);
         });
-        let mut ring = RingCollective::connect(&ls[0], 1, 0, &peers, Duration::from_secs(120)).expect("ring");
+        let mut ring =
+            RingCollective::connect(&ls[0], 1, 0, &peers, Duration::from_secs(120)).expect("ring");
         let handle = ring.abort_handle();
         let aborter = s.spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
@@ -140,8 +171,14 @@ fn abort_from_another_thread_unblocks_a_collective_promptly() {
         let err = ring.all_reduce_slice(&mut v).expect_err("aborted");
         let waited = started.elapsed();
         assert!(matches!(err, CommError::Aborted), "{err}");
-        assert!(waited < Duration::from_secs(10), "abort took {waited:?} (timeout was 120 s)");
-        assert!(matches!(ring.barrier(), Err(CommError::Aborted)), "unusable after an abort");
+        assert!(
+            waited < Duration::from_secs(10),
+            "abort took {waited:?} (timeout was 120 s)"
+        );
+        assert!(
+            matches!(ring.barrier(), Err(CommError::Aborted)),
+            "unusable after an abort"
+        );
         aborter.join().unwrap();
         tx.send(()).ok();
         idle.join().unwrap();
@@ -200,10 +237,23 @@ fn a_connection_of_another_generation_is_refused_and_the_ring_still_forms() {
 
 fn spawn_rank(rank: usize, world: usize, dir: &std::path::Path, timeout_s: u64) -> Child {
     Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["comm-bench", "--rank", &rank.to_string(), "--world", &world.to_string()])
+        .args([
+            "comm-bench",
+            "--rank",
+            &rank.to_string(),
+            "--world",
+            &world.to_string(),
+        ])
         .arg("--rendezvous")
         .arg(dir)
-        .args(["--sizes-mib", "64", "--rounds", "100000", "--timeout-s", &timeout_s.to_string()])
+        .args([
+            "--sizes-mib",
+            "64",
+            "--rounds",
+            "100000",
+            "--timeout-s",
+            &timeout_s.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -214,7 +264,9 @@ fn spawn_rank(rank: usize, world: usize, dir: &std::path::Path, timeout_s: u64) 
 fn killing_a_peer_mid_all_reduce_makes_the_others_fail_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let (world, timeout_s) = (3, 5);
-    let mut children: Vec<Child> = (0..world).map(|r| spawn_rank(r, world, dir.path(), timeout_s)).collect();
+    let mut children: Vec<Child> = (0..world)
+        .map(|r| spawn_rank(r, world, dir.path(), timeout_s))
+        .collect();
     for child in &mut children {
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
@@ -232,8 +284,14 @@ fn killing_a_peer_mid_all_reduce_makes_the_others_fail_within_the_timeout() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "rank {rank} must fail");
         assert!(stderr.contains("peer rank"), "rank {rank}: {stderr}");
-        assert!(waited < Duration::from_secs(timeout_s + 10), "rank {rank} took {waited:?}");
-        eprintln!("rank {rank} failed {waited:?} after the kill: {}", stderr.trim());
+        assert!(
+            waited < Duration::from_secs(timeout_s + 10),
+            "rank {rank} took {waited:?}"
+        );
+        eprintln!(
+            "rank {rank} failed {waited:?} after the kill: {}",
+            stderr.trim()
+        );
     }
 }
 

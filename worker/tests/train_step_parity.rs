@@ -80,7 +80,7 @@ fn three_adamw_steps_match_the_pytorch_reference() {
     let micro = vec![(batch, targets)];
     let losses: Vec<f32> = Vec::try_from(&fx.get("loss_total.steps")).unwrap();
     for step in 1..3u64 {
-        let report = trainer.train_step(step, &micro, counts).unwrap();
+        let report = trainer.train_step(step, &micro, counts, None).unwrap();
         assert_eq!(report.lr, lrs[step as usize]);
         let want = f64::from(losses[step as usize]);
         assert!(

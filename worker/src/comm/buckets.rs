@@ -198,18 +198,38 @@ mod tests {
         let b = Tensor::ones([5], opts).set_requires_grad(true);
         let c = Tensor::ones([4], opts).set_requires_grad(true);
         // 24-byte cap: a (6 floats) alone, then b and c share... no: b (5) + c (4) > 6.
-        let buckets = GradBuckets::new(&[a.shallow_clone(), b.shallow_clone(), c.shallow_clone()], 24, WireDtype::F32).unwrap();
+        let buckets = GradBuckets::new(
+            &[a.shallow_clone(), b.shallow_clone(), c.shallow_clone()],
+            24,
+            WireDtype::F32,
+        )
+        .unwrap();
         assert_eq!(buckets.len(), 3);
-        let buckets = GradBuckets::new(&[a.shallow_clone(), b.shallow_clone(), c.shallow_clone()], 64, WireDtype::F32).unwrap();
-        assert_eq!(buckets.len(), 2, "a+b fit in 16 floats, c opens a second bucket");
+        let buckets = GradBuckets::new(
+            &[a.shallow_clone(), b.shallow_clone(), c.shallow_clone()],
+            64,
+            WireDtype::F32,
+        )
+        .unwrap();
+        assert_eq!(
+            buckets.len(),
+            2,
+            "a+b fit in 16 floats, c opens a second bucket"
+        );
         for _ in 0..2 {
-            ((&a * 2.0).sum(Kind::Float) + (&b * 3.0).sum(Kind::Float) + (&c * 4.0).sum(Kind::Float)).backward();
+            ((&a * 2.0).sum(Kind::Float)
+                + (&b * 3.0).sum(Kind::Float)
+                + (&c * 4.0).sum(Kind::Float))
+            .backward();
         }
         let flats: Vec<Vec<f32>> = buckets.flats().map(|f| Vec::try_from(f).unwrap()).collect();
         let mut want = vec![4.0f32; 6];
         want.extend([6.0f32; 5]);
         assert_eq!(flats[0], want, "two backwards summed in the bucket itself");
         assert_eq!(flats[1], vec![8.0f32; 4]);
-        assert_eq!(a.grad().data_ptr(), buckets.flats().next().unwrap().data_ptr());
+        assert_eq!(
+            a.grad().data_ptr(),
+            buckets.flats().next().unwrap().data_ptr()
+        );
     }
 }

@@ -150,7 +150,9 @@ impl NcclCollective {
         timeout: Duration,
     ) -> Result<Self, CommError> {
         if rank >= world {
-            return Err(CommError::Argument(format!("rank {rank} outside a world of {world}")));
+            return Err(CommError::Argument(format!(
+                "rank {rank} outside a world of {world}"
+            )));
         }
         let mut id = nccl_sys::ncclUniqueId { internal: [0; 128] };
         if unique_id.len() != id.internal.len() {
@@ -226,7 +228,9 @@ impl NcclCollective {
                 nccl_sys::ncclResult_t::ncclSuccess => return Ok(()),
                 nccl_sys::ncclResult_t::ncclInProgress => {}
                 other => {
-                    return Err(self.fail(CommError::Nccl(format!("{what}: {}", nccl_message(other)))))
+                    return Err(
+                        self.fail(CommError::Nccl(format!("{what}: {}", nccl_message(other))))
+                    )
                 }
             }
             self.check_abort_and_deadline(what, deadline)?;
@@ -267,7 +271,9 @@ impl NcclCollective {
             match self.async_state() {
                 nccl_sys::ncclResult_t::ncclSuccess | nccl_sys::ncclResult_t::ncclInProgress => {}
                 other => {
-                    return Err(self.fail(CommError::Nccl(format!("{what}: {}", nccl_message(other)))))
+                    return Err(
+                        self.fail(CommError::Nccl(format!("{what}: {}", nccl_message(other))))
+                    )
                 }
             }
             self.check_abort_and_deadline(what, deadline)?;
@@ -306,14 +312,18 @@ impl NcclCollective {
             )));
         }
         if !buf.is_contiguous() {
-            return Err(CommError::Unsupported("the tensor is not contiguous".into()));
+            return Err(CommError::Unsupported(
+                "the tensor is not contiguous".into(),
+            ));
         }
         match buf.kind() {
             Kind::Float => Ok(nccl_sys::ncclDataType_t::ncclFloat32),
             Kind::Double => Ok(nccl_sys::ncclDataType_t::ncclFloat64),
             Kind::BFloat16 => Ok(nccl_sys::ncclDataType_t::ncclBfloat16),
             Kind::Half => Ok(nccl_sys::ncclDataType_t::ncclFloat16),
-            other => Err(CommError::Unsupported(format!("NCCL sums floats, not {other:?}"))),
+            other => Err(CommError::Unsupported(format!(
+                "NCCL sums floats, not {other:?}"
+            ))),
         }
     }
 

@@ -298,7 +298,10 @@ impl RingCollective {
             }
             if Instant::now() >= deadline {
                 return Err(CommError::Timeout {
-                    what: format!("generation {} waiting for its left neighbour", self.generation),
+                    what: format!(
+                        "generation {} waiting for its left neighbour",
+                        self.generation
+                    ),
                     peer: want as usize,
                     after: self.timeout,
                 });
@@ -309,7 +312,9 @@ impl RingCollective {
 
     /// The accepted stream if its hello is our left neighbour of this generation.
     fn vet_hello(&self, mut stream: TcpStream, want: u64, deadline: Instant) -> Option<TcpStream> {
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(10));
         configure(&stream, left).ok()?;
         let mut buf = [0u8; 32];
         stream.read_exact(&mut buf).ok()?;
@@ -332,7 +337,10 @@ impl RingCollective {
         if self.abort.is_aborted() {
             return CommError::Aborted;
         }
-        let what = format!("ring generation {} rank {}: {what}", self.generation, self.rank);
+        let what = format!(
+            "ring generation {} rank {}: {what}",
+            self.generation, self.rank
+        );
         match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => CommError::Timeout {
                 what,
@@ -417,7 +425,11 @@ impl RingCollective {
     }
 
     /// Overwrites `buf` with rank `root`'s, in place.
-    pub fn broadcast_slice<T: Elem>(&mut self, buf: &mut [T], root: usize) -> Result<(), CommError> {
+    pub fn broadcast_slice<T: Elem>(
+        &mut self,
+        buf: &mut [T],
+        root: usize,
+    ) -> Result<(), CommError> {
         self.check_usable()?;
         if root >= self.world {
             return Err(CommError::Argument(format!(
@@ -469,12 +481,20 @@ impl RingCollective {
         let recv_ranges: Vec<Range<usize>> = (0..2)
             .flat_map(|phase| (0..steps).map(move |k| (phase, k)))
             .flat_map(|(phase, k)| {
-                let s = if phase == 0 { ri - k as isize - 1 } else { ri - k as isize };
+                let s = if phase == 0 {
+                    ri - k as isize - 1
+                } else {
+                    ri - k as isize
+                };
                 (0..p).map(move |j| piece(seg(s), j))
             })
             .collect();
         let seg_send = |phase: usize, k: usize, j: usize| {
-            let s = if phase == 0 { ri - k as isize } else { ri + 1 - k as isize };
+            let s = if phase == 0 {
+                ri - k as isize
+            } else {
+                ri + 1 - k as isize
+            };
             piece(seg(s), j)
         };
         let (tx, rx) = mpsc::channel::<io::Result<Vec<T>>>();
@@ -501,28 +521,28 @@ impl RingCollective {
         p: usize,
         seg_send: &dyn Fn(usize, usize, usize) -> Range<usize>,
     ) -> Result<(), CommError> {
-            let mut received = 0usize;
-            let mut right_w = right;
-            let total = (self.world - 1) * p;
-            for phase in 0..2 {
-                for i in 0..total {
-                    let (k, j) = (i / p, i % p);
-                    // Piece j of step k is what piece j of step k−1 brought in.
-                    while k > 0 && received <= phase * total + i - p {
-                        self.take_piece(rx, buf, &recv_ranges[received], phase)?;
-                        received += 1;
-                    }
-                    let range = seg_send(phase, k, j);
-                    right_w
-                        .write_all(bytes_of(&buf[range]))
-                        .map_err(|e| self.peer_error("send", self.right_rank(), e))?;
-                }
-                while received < (phase + 1) * total {
+        let mut received = 0usize;
+        let mut right_w = right;
+        let total = (self.world - 1) * p;
+        for phase in 0..2 {
+            for i in 0..total {
+                let (k, j) = (i / p, i % p);
+                // Piece j of step k is what piece j of step k−1 brought in.
+                while k > 0 && received <= phase * total + i - p {
                     self.take_piece(rx, buf, &recv_ranges[received], phase)?;
                     received += 1;
                 }
+                let range = seg_send(phase, k, j);
+                right_w
+                    .write_all(bytes_of(&buf[range]))
+                    .map_err(|e| self.peer_error("send", self.right_rank(), e))?;
             }
-            Ok(())
+            while received < (phase + 1) * total {
+                self.take_piece(rx, buf, &recv_ranges[received], phase)?;
+                received += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Applies the next received piece: add during the reduce-scatter (phase 0),
@@ -564,7 +584,9 @@ impl RingCollective {
         };
         let position = (self.rank + self.world - root) % self.world;
         let n = buf.len();
-        let p = n.div_ceil((self.chunk_bytes / std::mem::size_of::<T>()).max(1)).max(1);
+        let p = n
+            .div_ceil((self.chunk_bytes / std::mem::size_of::<T>()).max(1))
+            .max(1);
         for j in 0..p {
             let range = part(n, p, j);
             if position > 0 {
@@ -616,7 +638,9 @@ fn connect_until(addr: &str, deadline: Instant) -> Result<TcpStream, CommError> 
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(CommError::Io(format!("could not connect to {addr} before the deadline")));
+            return Err(CommError::Io(format!(
+                "could not connect to {addr} before the deadline"
+            )));
         }
         match TcpStream::connect_timeout(&target, left) {
             Ok(s) => return Ok(s),
@@ -648,7 +672,9 @@ fn with_cpu_slice<R>(
         )));
     }
     if !buf.is_contiguous() {
-        return Err(CommError::Unsupported("the tensor is not contiguous".into()));
+        return Err(CommError::Unsupported(
+            "the tensor is not contiguous".into(),
+        ));
     }
     let n = buf.numel();
     let ptr = buf.data_ptr();

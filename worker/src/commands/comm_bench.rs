@@ -94,7 +94,10 @@ fn gather(dir: &Path, world: usize, timeout: Duration) -> anyhow::Result<Vec<Str
             }
         }
         if Instant::now() >= deadline {
-            bail!("not every rank published its address in {} within {timeout:?}", dir.display());
+            bail!(
+                "not every rank published its address in {} within {timeout:?}",
+                dir.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -2,8 +2,13 @@
 //! frozen teachers (online mode), AdamW and the schedule.
 //!
 //! A step takes the micro-batches that make up this trainer's share of the global
-//! batch and the *global* item counts, so each loss term is a mean over the global
-//! batch however it is split (accumulation now, data parallelism later).
+//! batch and this trainer's item counts. With a [`Collective`] the counts and the loss
+//! sums are all-reduced, so each loss term is a mean over the *global* batch however
+//! it is split over ranks and micro-batches, and the gradients are summed over the
+//! ranks in flat buckets before the optimizer step: every rank applies the same update
+//! to the same weights.
+
+use std::time::Instant;
 
 use proto::job::JobSpec;
 use tch::{nn, Device, Kind, Tensor};
@@ -13,6 +18,8 @@ use super::export::{self, ExportError};
 use super::optimizer::{AdamW, AdamWConfig, WarmupCosine};
 use super::params::{ParamRole, TrainableSplit};
 use super::precision::{LossScaler, Mode};
+use crate::comm::buckets::{GradBuckets, WireDtype, DEFAULT_CAP_BYTES};
+use crate::comm::{Collective, CommError};
 use crate::data::sample::Batch;
 use crate::distill::losses::LossWeights;
 use crate::distill::step::{self, OnlineTeachers, StepConfig, Targets};
@@ -39,18 +46,31 @@ pub enum TrainError {
     Export(#[from] ExportError),
     #[error("{0}")]
     Precision(String),
+    #[error("collective: {0}")]
+    Comm(#[from] CommError),
+    #[error("weights diverged at step {step}: rank(s) {ranks:?} differ from rank 0")]
+    Diverged { step: u64, ranks: Vec<usize> },
 }
 
-/// Loss values of one optimizer step (global-batch means).
+/// Loss values of one optimizer step (global-batch means) and where its time went.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepReport {
     pub content: f64,
     pub context: f64,
     pub total: f64,
     pub lr: f64,
+    /// Seconds in student forwards (all micro-batches), including the count all-reduce.
+    pub forward_s: f64,
+    /// Seconds in backwards.
+    pub backward_s: f64,
+    /// Seconds in the loss and gradient all-reduces (0 without a collective).
+    pub all_reduce_s: f64,
+    /// Seconds in unscaling and AdamW.
+    pub optimizer_s: f64,
 }
 
-/// Item counts of the global batch: valid crops, and affinity rows (images × tokens).
+/// Item counts of a batch: valid crops, and affinity rows (images × tokens).
+/// [`Trainer::train_step`] takes this rank's and sums them over the ranks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GlobalCounts {
     pub crops: i64,
@@ -72,6 +92,19 @@ pub struct Trainer {
     /// Loss scaling for fp16 autocast.
     scaler: Option<LossScaler>,
     pub sources: (WeightsSource, WeightsSource),
+    /// Flat gradient buffers; made at the first step with a collective.
+    buckets: Option<GradBuckets>,
+    /// How gradients travel in the all-reduce.
+    grad_wire: WireDtype,
+}
+
+/// Seconds per phase of one step, summed over micro-batches.
+#[derive(Clone, Copy, Debug, Default)]
+struct Timings {
+    forward: f64,
+    backward: f64,
+    all_reduce: f64,
+    optimizer: f64,
 }
 
 impl Trainer {
@@ -140,7 +173,22 @@ impl Trainer {
             precision,
             scaler: (precision == Mode::Fp16).then(LossScaler::default),
             sources: (student_source, vfm_source),
+            buckets: None,
+            grad_wire: WireDtype::F32,
         })
+    }
+
+    /// Sends gradients as bf16 in the all-reduce (half the bytes; NCCL only, and no
+    /// longer bitwise equal to a world of one). Call before the first step.
+    pub fn set_gradient_wire(&mut self, wire: WireDtype) {
+        self.grad_wire = wire;
+    }
+
+    /// Waits for queued GPU work so that wall-clock phases mean something.
+    fn sync(&self) {
+        if let Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -168,6 +216,18 @@ impl Trainer {
         targets: &Targets,
         counts: GlobalCounts,
     ) -> Result<(f64, f64), TrainError> {
+        let mut timings = Timings::default();
+        self.accumulate_timed(batch, targets, counts, &mut timings)
+    }
+
+    fn accumulate_timed(
+        &mut self,
+        batch: &Batch,
+        targets: &Targets,
+        counts: GlobalCounts,
+        timings: &mut Timings,
+    ) -> Result<(f64, f64), TrainError> {
+        let started = Instant::now();
         let inputs = batch.student_inputs.to_device(self.device);
         let outputs = self
             .precision
@@ -175,28 +235,65 @@ impl Trainer {
         let content = &outputs.terms.content.sum / counts.crops.max(1) as f64;
         let context = &outputs.terms.context.sum / counts.rows.max(1) as f64;
         let loss = &content * self.weights.content + &context * self.weights.context;
+        let values = (content.double_value(&[]), context.double_value(&[]));
+        let forward_done = Instant::now();
+        timings.forward += (forward_done - started).as_secs_f64();
         match &self.scaler {
             Some(scaler) => scaler.scale_loss(&loss).backward(),
             None => loss.to_kind(Kind::Float).backward(),
         }
-        Ok((content.double_value(&[]), context.double_value(&[])))
+        self.sync();
+        timings.backward += forward_done.elapsed().as_secs_f64();
+        Ok(values)
     }
 
     /// One optimizer step over `micro_batches` (this trainer's share of the global
-    /// batch) with their targets. `step` is the 0-based global optimizer step.
+    /// batch) with their targets and this trainer's `counts`. `step` is the 0-based
+    /// global optimizer step. With `comm`, counts, loss sums and gradients are summed
+    /// over its ranks (every rank must call this with the same `step`); without, this
+    /// trainer is the whole world.
     pub fn train_step(
         &mut self,
         step: u64,
         micro_batches: &[(Batch, Targets)],
         counts: GlobalCounts,
+        mut comm: Option<&mut dyn Collective>,
     ) -> Result<StepReport, TrainError> {
-        self.optimizer.zero_grad();
-        let (mut content, mut context) = (0.0, 0.0);
-        for (batch, targets) in micro_batches {
-            let (c, x) = self.accumulate(batch, targets, counts)?;
-            content += c;
-            context += x;
+        let mut timings = Timings::default();
+        let started = Instant::now();
+        let counts = match comm.as_deref_mut() {
+            Some(c) => self.global_counts(c, counts)?,
+            None => counts,
+        };
+        if comm.is_some() && self.buckets.is_none() {
+            let params: Vec<Tensor> = self
+                .optimizer
+                .params
+                .iter()
+                .map(|p| p.param.shallow_clone())
+                .collect();
+            let buckets = GradBuckets::new(&params, DEFAULT_CAP_BYTES, self.grad_wire)?;
+            tracing::info!(
+                "gradients in {} bucket(s), {} bytes",
+                buckets.len(),
+                buckets.bytes()
+            );
+            self.buckets = Some(buckets);
         }
+        timings.forward += started.elapsed().as_secs_f64();
+        self.optimizer.zero_grad();
+        let mut local = [0.0f64; 2];
+        for (batch, targets) in micro_batches {
+            let (c, x) = self.accumulate_timed(batch, targets, counts, &mut timings)?;
+            local[0] += c;
+            local[1] += x;
+        }
+        let reduce_started = Instant::now();
+        let [content, context] = match comm.as_deref_mut() {
+            Some(c) => self.sum_over_ranks(c, local)?,
+            None => local,
+        };
+        // Every rank sees the same global losses, so all stop here together.
         if !(content.is_finite() && context.is_finite()) {
             return Err(TrainError::NonFinite {
                 step,
@@ -204,7 +301,30 @@ impl Trainer {
                 context,
             });
         }
+        if let (Some(c), Some(buckets)) = (comm.as_deref_mut(), self.buckets.as_mut()) {
+            buckets.all_reduce(c)?;
+        }
+        self.sync();
+        timings.all_reduce = reduce_started.elapsed().as_secs_f64();
+        let optimizer_started = Instant::now();
         let lr = self.schedule.lr(step);
+        self.apply_update(step, lr);
+        self.sync();
+        timings.optimizer = optimizer_started.elapsed().as_secs_f64();
+        Ok(StepReport {
+            content,
+            context,
+            total: content * self.weights.content + context * self.weights.context,
+            lr,
+            forward_s: timings.forward,
+            backward_s: timings.backward,
+            all_reduce_s: timings.all_reduce,
+            optimizer_s: timings.optimizer,
+        })
+    }
+
+    /// Unscales fp16 gradients (skipping the step on overflow) and steps AdamW.
+    fn apply_update(&mut self, step: u64, lr: f64) {
         let mut applied = true;
         if let Some(scaler) = &mut self.scaler {
             let mut grads: Vec<Tensor> = self
@@ -225,12 +345,88 @@ impl Trainer {
         if applied {
             self.optimizer.step(lr);
         }
-        Ok(StepReport {
-            content,
-            context,
-            total: content * self.weights.content + context * self.weights.context,
-            lr,
+    }
+
+    /// This rank's counts summed over all ranks (exact: f64 holds integers to 2^53).
+    fn global_counts(
+        &self,
+        comm: &mut dyn Collective,
+        local: GlobalCounts,
+    ) -> Result<GlobalCounts, TrainError> {
+        let [crops, rows] = self.sum_over_ranks(comm, [local.crops as f64, local.rows as f64])?;
+        Ok(GlobalCounts {
+            crops: crops as i64,
+            rows: rows as i64,
         })
+    }
+
+    fn sum_over_ranks(
+        &self,
+        comm: &mut dyn Collective,
+        values: [f64; 2],
+    ) -> Result<[f64; 2], TrainError> {
+        let mut buf = Tensor::from_slice(&values).to_device(self.device);
+        comm.all_reduce_sum(&mut buf)?;
+        Ok([buf.double_value(&[0]), buf.double_value(&[1])])
+    }
+
+    /// Makes every rank's student weights, optimizer moments, step count and loss
+    /// scale rank 0's. Call when a generation starts (after a restore on rank 0, or
+    /// with the seeded initialisation everywhere).
+    pub fn broadcast_weights(&mut self, comm: &mut dyn Collective) -> Result<(), TrainError> {
+        let mut tensors: Vec<Tensor> = sorted_vars(&self.student_vs);
+        for p in &self.optimizer.params {
+            tensors.push(p.exp_avg.shallow_clone());
+            tensors.push(p.exp_avg_sq.shallow_clone());
+        }
+        broadcast_tensors(comm, &tensors, self.device)?;
+        let scale = self.scaler.as_ref().map_or(0.0, |s| s.scale);
+        let mut scalars =
+            Tensor::from_slice(&[self.optimizer.step as f64, scale]).to_device(self.device);
+        comm.broadcast(&mut scalars, 0)?;
+        self.optimizer.step = scalars.double_value(&[0]) as u64;
+        if let Some(s) = &mut self.scaler {
+            s.scale = scalars.double_value(&[1]);
+        }
+        Ok(())
+    }
+
+    /// Compares a cheap checksum of the trainable weights (per tensor: f64 sum and sum
+    /// of squares, on the device) across ranks; `Diverged` names the ranks that differ
+    /// from rank 0. Collective: every rank calls it at the same step.
+    pub fn check_consistency(
+        &mut self,
+        comm: &mut dyn Collective,
+        step: u64,
+    ) -> Result<(), TrainError> {
+        let local = tch::no_grad(|| {
+            let parts: Vec<Tensor> = self
+                .optimizer
+                .params
+                .iter()
+                .flat_map(|p| {
+                    let x = p.param.to_kind(Kind::Double);
+                    [x.sum(Kind::Double), (&x * &x).sum(Kind::Double)]
+                })
+                .collect();
+            Tensor::stack(&parts, 0)
+        });
+        let (world, rank) = (comm.world_size(), comm.rank());
+        let width = local.size()[0];
+        // Each rank fills its own row; the sum of rows, one of them non-zero per
+        // row, is an exact all-gather.
+        let mut table = Tensor::zeros([world as i64, width], (Kind::Double, self.device));
+        tch::no_grad(|| table.get(rank as i64).copy_(&local));
+        comm.all_reduce_sum(&mut table)?;
+        let rows: Vec<Vec<f64>> = Vec::<Vec<f64>>::try_from(&table.to_device(Device::Cpu))
+            .map_err(|e| TrainError::Restore(format!("checksum table: {e}")))?;
+        let same = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let ranks: Vec<usize> = (1..world).filter(|&r| !same(&rows[r], &rows[0])).collect();
+        if ranks.is_empty() {
+            Ok(())
+        } else {
+            Err(TrainError::Diverged { step, ranks })
+        }
     }
 
     /// The student's weights (every tensor, model names), CPU.
@@ -302,6 +498,49 @@ impl Trainer {
         let original = sorted_cpu(&self._teacher_vs.0);
         Ok(export::merge(&self.student_tensors(), &original, alpha)?)
     }
+}
+
+/// Every variable of `vs`, sorted by name (the same order on every rank).
+fn sorted_vars(vs: &nn::VarStore) -> Vec<Tensor> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.into_iter().map(|(_, t)| t).collect()
+}
+
+/// Broadcasts `tensors` from rank 0 in flat f32 groups of at most 64 MiB.
+fn broadcast_tensors(
+    comm: &mut dyn Collective,
+    tensors: &[Tensor],
+    device: Device,
+) -> Result<(), TrainError> {
+    const GROUP: i64 = 16 << 20; // f32 elements
+    let mut start = 0;
+    while start < tensors.len() {
+        let mut end = start;
+        let mut n = 0;
+        while end < tensors.len() && (end == start || n + tensors[end].numel() as i64 <= GROUP) {
+            n += tensors[end].numel() as i64;
+            end += 1;
+        }
+        let group = &tensors[start..end];
+        let parts: Vec<Tensor> = group
+            .iter()
+            .map(|t| t.detach().to_kind(Kind::Float).reshape([-1]))
+            .collect();
+        let mut flat = Tensor::cat(&parts, 0).to_device(device).contiguous();
+        comm.broadcast(&mut flat, 0)?;
+        tch::no_grad(|| {
+            let mut offset = 0;
+            for t in group {
+                let n = t.numel() as i64;
+                let mut dst = t.shallow_clone();
+                dst.copy_(&flat.narrow(0, offset, n).view(t.size().as_slice()));
+                offset += n;
+            }
+        });
+        start = end;
+    }
+    Ok(())
 }
 
 fn sorted_cpu(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
