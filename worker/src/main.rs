@@ -54,9 +54,11 @@ enum Command {
     Teach {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Work without a coordinator (required for now).
-        #[arg(long)]
+        /// Work without a coordinator: compute the job's shards (or --shards) and exit.
+        #[arg(long, conflicts_with = "coordinator")]
         standalone: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Only shards A..B (B excluded), or one shard A; default: every shard.
         #[arg(long, value_name = "A..B")]
         shards: Option<String>,
@@ -232,15 +234,19 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
         Command::Teach {
             config,
             standalone,
+            remote,
             shards,
             device,
         } => {
+            if let Some(addr) = remote.coordinator.clone() {
+                return commands::remote::teach(&addr, &remote.options(), device.as_deref(), info);
+            }
             let Some(job) = config.load_or_report().map(|loaded| loaded.spec) else {
                 return Ok(ExitCode::from(EXIT_CONFIG));
             };
             anyhow::ensure!(
                 standalone,
-                "worker teach runs with --standalone for now (teaching under a coordinator is not built yet)"
+                "worker teach needs --coordinator ADDR (leases shards from it) or --standalone"
             );
             let only = shards
                 .as_deref()

@@ -9,7 +9,7 @@ use anyhow::Context;
 use proto::client::ClientTls;
 use proto::job::JobSpec;
 use proto::wire::Role;
-use worker::comm::RingListener;
+use worker::comm::ring::RingListener;
 use worker::control::{self, Control, ControlConfig};
 use worker::runtime::RuntimeInfo;
 use worker::train::distributed::{self, TrainerExit};
@@ -86,4 +86,18 @@ pub fn train(
     Ok(match exit {
         TrainerExit::Completed | TrainerExit::Drained | TrainerExit::Stopped => ExitCode::SUCCESS,
     })
+}
+
+pub fn teach(
+    addr: &str,
+    options: &RemoteOptions,
+    device: Option<&str>,
+    info: &RuntimeInfo,
+) -> anyhow::Result<ExitCode> {
+    let requested = device.unwrap_or("auto");
+    let (control, spec) = connect(addr, options, Role::Teacher, requested, String::new())?;
+    let device = crate::select(device.unwrap_or(&spec.teachers.device), info)?;
+    worker::teacher::pool::run_teacher(&control, &spec, device)?;
+    tracing::info!("teacher exits: the coordinator said stop");
+    Ok(ExitCode::SUCCESS)
 }

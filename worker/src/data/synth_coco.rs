@@ -225,7 +225,9 @@ pub fn ensure_job_dataset(data: &DataSpec, seed: u64, root: &Path) -> Result<Dat
 }
 
 /// An exclusive `flock` on a file, released when dropped (or when the process dies).
-struct DirLock(File);
+struct DirLock {
+    _file: File,
+}
 
 impl DirLock {
     fn acquire(path: &Path) -> Result<Self, SynthError> {
@@ -238,7 +240,7 @@ impl DirLock {
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(io_err(path)(std::io::Error::last_os_error()));
         }
-        Ok(Self(file))
+        Ok(Self { _file: file })
     }
 }
 

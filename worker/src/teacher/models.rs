@@ -31,8 +31,7 @@ impl TeacherModels {
         let (mut vfm_vs, vfm, _) = build_vfm(&spec.model.vfm, None, device)?;
         crop_vs.freeze();
         vfm_vs.freeze();
-        let digest = weights_digest(&[("crop_teacher", &crop_vs), ("vfm", &vfm_vs)]);
-        let fingerprint = proto::cache::teacher_fingerprint(spec, &digest, &preprocessing());
+        let fingerprint = fingerprint(spec, &crop_vs, &vfm_vs);
         Ok(Self {
             _stores: (crop_vs, vfm_vs),
             teachers: OnlineTeachers { crop_teacher, vfm },
@@ -57,6 +56,12 @@ impl TeacherModels {
             &vfm_inputs.to_device(self.device),
         )?)
     }
+}
+
+/// The cache fingerprint of teachers with these frozen weights under `spec`.
+pub fn fingerprint(spec: &JobSpec, crop_teacher: &nn::VarStore, vfm: &nn::VarStore) -> String {
+    let digest = weights_digest(&[("crop_teacher", crop_teacher), ("vfm", vfm)]);
+    proto::cache::teacher_fingerprint(spec, &digest, &preprocessing())
 }
 
 /// How crops and VFM inputs are made, with every constant that changes them.

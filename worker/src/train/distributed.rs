@@ -8,9 +8,10 @@
 //! from step 0) and every rank derives the same global batches from `proto::plan`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::job::JobSpec;
+use proto::job::{JobSpec, TeacherMode};
 use proto::plan::order::{rank_slice, Cursor, OrderPlan};
 use proto::wire::{
     self, command, CheckpointRef, CollectiveBackend, CommitCheckpointRequest, JoinGroup,
@@ -20,11 +21,14 @@ use tch::Device;
 
 use super::checkpoint;
 use super::export;
-use super::run::{self, RunError};
+use super::run::{self, CacheGate, RunError, StepFeed};
 use super::trainer::{StepReport, Trainer};
-use crate::comm::{Collective, CommError, NcclCollective, RingCollective, RingListener};
+use crate::comm::nccl::NcclCollective;
+use crate::comm::ring::{RingCollective, RingListener};
+use crate::comm::{Collective, CommError};
 use crate::control::{Control, ControlError, ControlEvent};
-use crate::data::loader::{Loader, LoaderConfig, SharedSource};
+use crate::data::loader::{BatchFeed, SharedSource};
+use crate::teacher::cache::{CacheError, CacheStore};
 
 /// How long ranks wait for each other (connect, collectives) before calling a peer lost.
 pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -87,7 +91,7 @@ pub fn run_trainer(
     device: Device,
     listener: &RingListener,
 ) -> Result<TrainerExit, DistributedError> {
-    let (source, _skips) = run::open_training_source(spec)?;
+    let source: SharedSource = Arc::new(run::job_source(spec)?);
     let here = source.image_count() as u64;
     if here != control.registration.image_count {
         return Err(DistributedError::DatasetMismatch {
@@ -225,7 +229,12 @@ fn wait_for_nccl_id(control: &Control, generation: u64) -> Result<Vec<u8>, Distr
             _ => {}
         }
     }
-    Err(CommError::Timeout("waiting for the NCCL unique id of rank 0".into()).into())
+    Err(CommError::Timeout {
+        what: "waiting for the NCCL unique id of rank 0".into(),
+        peer: 0,
+        after: COLLECTIVE_TIMEOUT,
+    }
+    .into())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -259,27 +268,33 @@ fn run_generation(
         .map_err(RunError::from)?;
     let steps_per_epoch = order.steps_per_epoch();
     let mut cursor = Cursor::from_global_step(step, steps_per_epoch).map_err(RunError::from)?;
-    let feed = order
-        .resume(cursor)
-        .map_err(RunError::from)?
-        .take(total.saturating_sub(step) as usize)
-        .map(move |(cursor, global)| {
-            // The loader prepares only this rank's slice; validation guarantees W | B.
-            let mine = rank_slice(&global, rank, world).map(|s| s.to_vec()).unwrap_or_default();
-            (cursor, mine)
-        });
-    let prep = run::sample_prep(spec);
-    let mut loader = Loader::new(
-        LoaderConfig::from_spec(&spec.data),
-        source.clone(),
-        prep,
-        Box::new(feed),
-    )
-    .map_err(RunError::from)?;
+    let feed: BatchFeed = Box::new(
+        order
+            .resume(cursor)
+            .map_err(RunError::from)?
+            .take(total.saturating_sub(step) as usize)
+            .map(move |(cursor, global)| {
+                // The loader prepares only this rank's slice; validation guarantees W | B.
+                let mine = rank_slice(&global, rank, world)
+                    .map(|s| s.to_vec())
+                    .unwrap_or_default();
+                (cursor, mine)
+            }),
+    );
+    let store = match spec.teachers.mode {
+        TeacherMode::Cache => Some(open_cache(spec, source.as_ref(), trainer)?),
+        TeacherMode::Online => None,
+    };
+    let mut gate = RemoteCache {
+        control,
+        generation,
+    };
+    let mut steps = StepFeed::new(spec, device, source.clone(), feed, store)?;
 
     let run_dir = PathBuf::from(&spec.job.run_dir);
     let ckpt_root = run_dir.join("checkpoints");
     let micro = run::micro_batch_size(spec, world);
+    let rows_per_image = trainer.rows_per_image(spec.data.vfm_resolution);
     let mut pending = Pending::default();
     let mut images_total = 0u64;
     let result = loop {
@@ -300,18 +315,24 @@ fn run_generation(
             break GenerationEnd::Completed;
         }
         let waited = Instant::now();
-        let loaded = loader.next_batch().ok_or(RunError::LoaderEnded(step))?;
+        if let (StepFeed::Cached { store, .. }, Ok(global)) = (&steps, order.batch_at(cursor)) {
+            // Every rank waits for the whole global batch's shards, so no rank sits in a
+            // collective while another waits for the cache.
+            let needed = store.shards_needed(&global).map_err(RunError::from)?;
+            gate.ready(store, &needed)?;
+        }
+        let (_, rank_images, micro_batches, counts) = steps
+            .next_step(trainer, micro, rows_per_image, &mut gate)?
+            .ok_or(RunError::LoaderEnded(step))?;
         let data_wait = waited.elapsed().as_secs_f64();
-        let images = loaded.indices.len() as u64 * world as u64;
-        let samples = loaded.into_samples().map_err(RunError::from)?;
-        let micro_batches = run::targets_for(trainer, samples, micro)?;
+        let images = rank_images * world as u64;
         let started = Instant::now();
         let report = trainer
-            .train_step(step, &micro_batches, Some(comm.as_mut()))
+            .train_step(step, &micro_batches, counts, Some(comm.as_mut()))
             .map_err(RunError::from)?;
         step += 1;
         cursor.advance(steps_per_epoch);
-        images_total += images / world as u64;
+        images_total += rank_images;
         if step % CONSISTENCY_EVERY == 0 {
             trainer.check_consistency(comm.as_mut(), step).map_err(RunError::from)?;
         }
@@ -469,10 +490,10 @@ fn publish_step(
         images_per_s: images as f64 / elapsed.max(1e-9),
         step_times: Some(wire::StepTimes {
             data_wait,
-            forward: r.times.forward_s,
-            backward: r.times.backward_s,
-            all_reduce: r.times.all_reduce_s,
-            optimizer: r.times.optimizer_s,
+            forward: r.forward_s,
+            backward: r.backward_s,
+            all_reduce: r.all_reduce_s,
+            optimizer: r.optimizer_s,
             total: elapsed,
         }),
         collective_seq: sequence,
@@ -481,4 +502,123 @@ fn publish_step(
         learning_rate: r.lr,
         ..Default::default()
     });
+}
+
+/// The job's teacher cache as this trainer reads it (teachers' fingerprint from the
+/// trainer's own frozen copies: same weights, same fingerprint).
+fn open_cache(
+    spec: &JobSpec,
+    source: &dyn crate::data::source::ImageSource,
+    trainer: &Trainer,
+) -> Result<CacheStore, DistributedError> {
+    let shards = proto::plan::order::Shards::new(source.image_count(), spec.data.shard_size as u32)
+        .map_err(RunError::from)?;
+    let dir = proto::cache::cache_dir(Path::new(&spec.job.run_dir));
+    Ok(CacheStore::open(&dir, &trainer.teacher_fingerprint(spec), shards))
+}
+
+/// Longest a step waits for teacher shards before the trainer fails, naming them.
+const CACHE_WAIT_LIMIT: Duration = Duration::from_secs(1800);
+const CACHE_POLL: Duration = Duration::from_millis(250);
+
+/// Cache-mode steps under a coordinator: a shard that is not there yet is waited for
+/// (asking the coordinator, reporting `WAITING_FOR_CACHE`, bounded); a corrupt one is
+/// reported, recomputed by a teacher, and read again.
+struct RemoteCache<'a> {
+    control: &'a Control,
+    generation: u64,
+}
+
+impl RemoteCache<'_> {
+    fn shard_status(&self, shard: u32) -> Result<wire::ShardStatusResponse, RunError> {
+        let request = wire::ShardStatusRequest { shard };
+        self.control
+            .call("ShardStatus", |mut c| {
+                let request = request.clone();
+                async move { c.shard_status(request).await }
+            })
+            .map_err(|e| RunError::Coordinator(e.to_string()))
+    }
+
+    fn set_state(&self, state: WorkerState) {
+        let mut report = self.control.last_report();
+        report.state = state as i32;
+        report.generation = self.generation;
+        self.control.report(report);
+    }
+
+    /// Waits until `done(shard)` holds for every shard, bounded by [`CACHE_WAIT_LIMIT`].
+    fn wait(
+        &self,
+        store: &CacheStore,
+        mut missing: Vec<u32>,
+        done: impl Fn(&wire::ShardStatusResponse) -> bool,
+    ) -> Result<(), RunError> {
+        let started = Instant::now();
+        self.set_state(WorkerState::WaitingForCache);
+        tracing::info!("waiting for teacher cache shards {missing:?}");
+        while !missing.is_empty() {
+            if started.elapsed() > CACHE_WAIT_LIMIT {
+                return Err(CacheError::Timeout {
+                    shards: missing,
+                    waited: started.elapsed(),
+                }
+                .into());
+            }
+            std::thread::sleep(CACHE_POLL);
+            let mut still = Vec::new();
+            for shard in missing {
+                let status = self.shard_status(shard)?;
+                if done(&status) {
+                    store.reopen(shard);
+                    if store.reader(shard).is_ok() {
+                        continue;
+                    }
+                }
+                still.push(shard);
+            }
+            missing = still;
+        }
+        tracing::info!("cache shards ready after {:.1} s", started.elapsed().as_secs_f64());
+        self.set_state(WorkerState::Training);
+        Ok(())
+    }
+}
+
+impl CacheGate for RemoteCache<'_> {
+    fn ready(&mut self, store: &CacheStore, shards: &[u32]) -> Result<(), RunError> {
+        let missing = store.unusable(shards);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.wait(store, missing, |s| s.state() == wire::ShardState::Done)
+    }
+
+    fn corrupt(&mut self, store: &CacheStore, err: CacheError) -> Result<(), RunError> {
+        let (shard, image_id) = match &err {
+            CacheError::Corrupt { shard, image_id, .. } => (*shard, *image_id),
+            CacheError::NoRecord { shard, image_id, .. } => (*shard, *image_id),
+            CacheError::BadFile { shard, .. } | CacheError::Stale { shard, .. } => (*shard, 0),
+            _ => return Err(err.into()),
+        };
+        tracing::error!("{err}; asking the coordinator to recompute shard {shard}");
+        let before = self.shard_status(shard)?.checksum;
+        let request = wire::ReportCorruptShardRequest {
+            worker_id: self.control.worker_id(),
+            shard,
+            checksum: before.clone(),
+            image_id,
+            reason: err.to_string(),
+        };
+        self.control
+            .call("ReportCorruptShard", |mut c| {
+                let request = request.clone();
+                async move { c.report_corrupt_shard(request).await }
+            })
+            .map_err(|e| RunError::Coordinator(e.to_string()))?;
+        store.reopen(shard);
+        self.wait(store, vec![shard], move |s| {
+            s.state() == wire::ShardState::Done && s.checksum != before
+        })
+    }
 }

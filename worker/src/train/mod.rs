@@ -1,6 +1,7 @@
 //! Training: what trains, the optimizer and schedule, checkpoints, export, the loop.
 
 pub mod checkpoint;
+pub mod distributed;
 pub mod export;
 pub mod optimizer;
 pub mod params;

@@ -53,6 +53,8 @@ pub enum RunError {
     Export(#[from] ExportError),
     #[error("{0}")]
     Unsupported(String),
+    #[error("coordinator: {0}")]
+    Coordinator(String),
     #[error("teacher cache: {0}")]
     Cache(#[from] CacheError),
     #[error("teachers: {0}")]

@@ -429,6 +429,13 @@ impl Trainer {
         }
     }
 
+    /// The fingerprint of this trainer's frozen teachers, as teachers compute it for
+    /// their cache files (same weights, same configuration: same fingerprint).
+    pub fn teacher_fingerprint(&self, spec: &JobSpec) -> String {
+        let (crop_vs, vfm_vs) = &self._teacher_vs;
+        crate::teacher::models::fingerprint(spec, crop_vs, vfm_vs)
+    }
+
     /// The student's weights (every tensor, model names), CPU.
     pub fn student_tensors(&self) -> Vec<(String, Tensor)> {
         sorted_cpu(&self.student_vs)
