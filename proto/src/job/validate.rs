@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use super::arch::VitArch;
-use super::{ContextResize, DataSource, JobSpec, Problem, TeacherMode, TowerSpec};
+use super::{Compression, ContextResize, DataSource, JobSpec, Problem, TeacherMode, TowerSpec};
 
 pub(crate) fn validate(spec: &JobSpec) -> Vec<Problem> {
     let mut v = Checks::default();
@@ -346,12 +346,19 @@ fn check_world(spec: &JobSpec, v: &mut Checks) {
     if spec.teachers.mode == TeacherMode::Cache {
         v.at_least("teachers.count", spec.teachers.count, 1);
     }
+    // `auto` clamps its PCA candidate to the VFM width; an explicit `pca` must fit it.
     let vfm_width = spec.model.vfm.arch().width;
+    let rank_max = match spec.teachers.compression {
+        Compression::Pca => vfm_width.max(1),
+        _ => usize::MAX,
+    };
     v.require(
-        (1..=vfm_width.max(1)).contains(&spec.teachers.pca_rank),
+        (1..=rank_max).contains(&spec.teachers.pca_rank),
         "teachers.pca_rank",
         spec.teachers.pca_rank,
-        format!("an integer in 1..={vfm_width} (the VFM width)"),
+        format!(
+            "an integer in 1..={vfm_width} (the VFM width) with teachers.compression = \"pca\""
+        ),
     );
     v.require(
         spec.coordinator.listen.parse::<SocketAddr>().is_ok(),
