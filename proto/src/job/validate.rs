@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 
 use super::arch::VitArch;
 use super::{
-    ContextResize, DataSource, Gang, JobSpec, PodResources, Problem, TeacherMode, TowerSpec,
+    Compression, ContextResize, DataSource, Gang, JobSpec, PodResources, Problem, TeacherMode,
+    TowerSpec,
 };
 
 pub(crate) fn validate(spec: &JobSpec) -> Vec<Problem> {
@@ -350,6 +351,7 @@ fn check_world(spec: &JobSpec, v: &mut Checks) {
         v.at_least("teachers.count", spec.teachers.count, 1);
     }
     check_coordinator(spec, v);
+    check_teachers(spec, v);
 }
 
 fn check_coordinator(spec: &JobSpec, v: &mut Checks) {
@@ -383,23 +385,33 @@ fn check_coordinator(spec: &JobSpec, v: &mut Checks) {
         "an integer in 1..=3600 (workers report at least every 2 s)",
     );
     v.require(
+        spec.coordinator.listen.parse::<SocketAddr>().is_ok(),
+        "coordinator.listen",
+        format!("{:?}", spec.coordinator.listen),
+        "an IP:port address such as 127.0.0.1:50051 (port 0 picks a free one)",
+    );
+}
+
+fn check_teachers(spec: &JobSpec, v: &mut Checks) {
+    v.require(
         (3..=3600).contains(&spec.teachers.lease_s),
         "teachers.lease_s",
         spec.teachers.lease_s,
         "an integer in 3..=3600 (teachers renew at a third of it)",
     );
+    // `auto` clamps its PCA candidate to the VFM width; an explicit `pca` must fit it.
     let vfm_width = spec.model.vfm.arch().width;
+    let rank_max = match spec.teachers.compression {
+        Compression::Pca => vfm_width.max(1),
+        _ => usize::MAX,
+    };
     v.require(
-        (1..=vfm_width.max(1)).contains(&spec.teachers.pca_rank),
+        (1..=rank_max).contains(&spec.teachers.pca_rank),
         "teachers.pca_rank",
         spec.teachers.pca_rank,
-        format!("an integer in 1..={vfm_width} (the VFM width)"),
-    );
-    v.require(
-        spec.coordinator.listen.parse::<SocketAddr>().is_ok(),
-        "coordinator.listen",
-        format!("{:?}", spec.coordinator.listen),
-        "an IP:port address such as 127.0.0.1:50051 (port 0 picks a free one)",
+        format!(
+            "an integer in 1..={vfm_width} (the VFM width) with teachers.compression = \"pca\""
+        ),
     );
 }
 
