@@ -234,7 +234,9 @@ async fn connect_and_register(
             Err(ControlError::Refused { status, .. })
                 if status.code() == tonic::Code::NotFound && !worker_id.is_empty() =>
             {
-                tracing::warn!("the coordinator does not know worker {worker_id}; registering anew");
+                tracing::warn!(
+                    "the coordinator does not know worker {worker_id}; registering anew"
+                );
                 worker_id.clear();
             }
             Err(ControlError::Refused { status, call }) if !is_transient(&status) => {

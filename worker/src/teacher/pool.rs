@@ -83,14 +83,20 @@ fn teach_shard(
     images_before: u64,
 ) -> Result<u64, PoolError> {
     let started = Instant::now();
-    let renew_every = Duration::from_millis(lease.expires_in_ms / 3).max(Duration::from_millis(100));
+    let renew_every =
+        Duration::from_millis(lease.expires_in_ms / 3).max(Duration::from_millis(100));
     let mut last_renewal = Instant::now();
     let worker_id = control.worker_id().to_string();
     publish(control, WorkerState::Teaching, images_before, 0.0);
     let range = lease.first_image as u32..(lease.first_image as u32 + lease.image_count);
     let mut progress = |done: u32| -> bool {
         let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        publish(control, WorkerState::Teaching, images_before + done as u64, rate);
+        publish(
+            control,
+            WorkerState::Teaching,
+            images_before + done as u64,
+            rate,
+        );
         if last_renewal.elapsed() < renew_every {
             return true;
         }
@@ -126,7 +132,10 @@ fn teach_shard(
                 worker_id,
                 shard: lease.shard,
                 lease_id: lease.lease_id,
-                file: file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                file: file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
                 checksum,
                 bytes,
                 images,
@@ -139,7 +148,11 @@ fn teach_shard(
                 "shard {} done: {images} images, {bytes} bytes in {:.1} s{}",
                 lease.shard,
                 started.elapsed().as_secs_f64(),
-                if answer.accepted { "" } else { " (not accepted: the lease had moved on)" }
+                if answer.accepted {
+                    ""
+                } else {
+                    " (not accepted: the lease had moved on)"
+                }
             );
             Ok(images as u64)
         }

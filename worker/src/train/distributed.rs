@@ -111,11 +111,20 @@ pub fn run_trainer(
             join.generation,
             join.rank,
             join.world_size,
-            join.resume
-                .as_ref()
-                .map_or("none".to_string(), |c| format!("step {} at {}", c.step, c.path))
+            join.resume.as_ref().map_or("none".to_string(), |c| format!(
+                "step {} at {}",
+                c.step, c.path
+            ))
         );
-        match run_generation(control, spec, device, listener, &join, &source, &mut trainer) {
+        match run_generation(
+            control,
+            spec,
+            device,
+            listener,
+            &join,
+            &source,
+            &mut trainer,
+        ) {
             Ok(GenerationEnd::Completed) => return Ok(TrainerExit::Completed),
             Ok(GenerationEnd::Drained) => return Ok(TrainerExit::Drained),
             Ok(GenerationEnd::Stopped) => return Ok(TrainerExit::Stopped),
@@ -124,7 +133,10 @@ pub fn run_trainer(
             }
             Err(DistributedError::Comm(err)) => {
                 // A failed peer or an abort: the coordinator forms a new generation.
-                tracing::warn!("generation {} failed in a collective: {err}", join.generation);
+                tracing::warn!(
+                    "generation {} failed in a collective: {err}",
+                    join.generation
+                );
             }
             Err(err) => return Err(err),
         }
@@ -157,7 +169,11 @@ struct Pending {
     end: Option<GenerationEnd>,
 }
 
-fn poll_commands(control: &Control, generation: u64, pending: &mut Pending) -> Result<(), DistributedError> {
+fn poll_commands(
+    control: &Control,
+    generation: u64,
+    pending: &mut Pending,
+) -> Result<(), DistributedError> {
     while let Some(event) = control.poll_event() {
         match event {
             ControlEvent::Command(command::Kind::Checkpoint(c)) if c.generation == generation => {
@@ -203,7 +219,13 @@ fn connect_collective(
             } else {
                 wait_for_nccl_id(control, join.generation)?
             };
-            Ok(Box::new(NcclCollective::new(&id, rank, world, ordinal, COLLECTIVE_TIMEOUT)?))
+            Ok(Box::new(NcclCollective::new(
+                &id,
+                rank,
+                world,
+                ordinal,
+                COLLECTIVE_TIMEOUT,
+            )?))
         }
         _ => Ok(Box::new(RingCollective::connect(
             listener,
@@ -219,7 +241,9 @@ fn wait_for_nccl_id(control: &Control, generation: u64) -> Result<Vec<u8>, Distr
     let deadline = Instant::now() + COLLECTIVE_TIMEOUT;
     while Instant::now() < deadline {
         match control.next_event(Duration::from_millis(200)) {
-            Some(ControlEvent::Command(command::Kind::NcclId(id))) if id.generation == generation => {
+            Some(ControlEvent::Command(command::Kind::NcclId(id)))
+                if id.generation == generation =>
+            {
                 return Ok(id.unique_id)
             }
             Some(ControlEvent::Lost(err)) => return Err(err.into()),
@@ -261,8 +285,12 @@ fn run_generation(
     let total = join.total_steps;
     let trainer = prepare_trainer(slot, spec, device, total, join.resume.as_ref())?;
     let mut step = join.resume.as_ref().map_or(0, |c| c.step);
-    trainer.broadcast_weights(comm.as_mut()).map_err(RunError::from)?;
-    trainer.check_consistency(comm.as_mut(), step).map_err(RunError::from)?;
+    trainer
+        .broadcast_weights(comm.as_mut())
+        .map_err(RunError::from)?;
+    trainer
+        .check_consistency(comm.as_mut(), step)
+        .map_err(RunError::from)?;
 
     let order = OrderPlan::new(spec.job.seed, source.image_count(), spec.train.batch_size)
         .map_err(RunError::from)?;
@@ -297,6 +325,8 @@ fn run_generation(
     let rows_per_image = trainer.rows_per_image(spec.data.vfm_resolution);
     let mut pending = Pending::default();
     let mut images_total = 0u64;
+    // The last step rank 0 checkpointed in this generation (the resume step counts).
+    let mut saved = step;
     let result = loop {
         poll_commands(control, generation, &mut pending)?;
         if let Some(end) = pending.end.take() {
@@ -304,15 +334,23 @@ fn run_generation(
         }
         if step >= total {
             if rank == 0 {
-                commit(control, generation, spec, trainer, &ckpt_root, step, cursor, total, None)?;
+                if saved < step {
+                    commit(
+                        control, generation, spec, trainer, &ckpt_root, step, cursor, total, None,
+                    )?;
+                }
                 let path = run_dir.join("exports").join("final.safetensors");
-                export::write_atomic(&path, &trainer.merged_export(spec.export.alpha).map_err(RunError::from)?)
-                    .map_err(RunError::from)?;
+                export::write_atomic(
+                    &path,
+                    &trainer
+                        .merged_export(spec.export.alpha)
+                        .map_err(RunError::from)?,
+                )
+                .map_err(RunError::from)?;
                 tracing::info!("job done at step {step}: exported {}", path.display());
             }
             report_state(control, WorkerState::Done, generation, Some(step));
-            wait_for_stop(control);
-            break GenerationEnd::Completed;
+            break wait_for_stop(control, generation, GenerationEnd::Completed);
         }
         let waited = Instant::now();
         if let (StepFeed::Cached { store, .. }, Ok(global)) = (&steps, order.batch_at(cursor)) {
@@ -334,10 +372,23 @@ fn run_generation(
         cursor.advance(steps_per_epoch);
         images_total += rank_images;
         if step % CONSISTENCY_EVERY == 0 {
-            trainer.check_consistency(comm.as_mut(), step).map_err(RunError::from)?;
+            trainer
+                .check_consistency(comm.as_mut(), step)
+                .map_err(RunError::from)?;
         }
         let elapsed = started.elapsed().as_secs_f64() + data_wait;
-        publish_step(control, generation, step, cursor, &report, comm.sequence(), images, elapsed, data_wait, images_total);
+        publish_step(
+            control,
+            generation,
+            step,
+            cursor,
+            &report,
+            comm.sequence(),
+            images,
+            elapsed,
+            data_wait,
+            images_total,
+        );
         if step % spec.train.log_every == 0 || step == total {
             tracing::info!(
                 "gen {generation} rank {rank}: step {step}/{total} epoch {} loss {:.4} ({:.1} img/s)",
@@ -350,20 +401,45 @@ fn run_generation(
             let path = run_dir
                 .join("exports")
                 .join(format!("epoch-{:04}.safetensors", cursor.epoch));
-            export::write_atomic(&path, &trainer.merged_export(spec.export.alpha).map_err(RunError::from)?)
-                .map_err(RunError::from)?;
+            export::write_atomic(
+                &path,
+                &trainer
+                    .merged_export(spec.export.alpha)
+                    .map_err(RunError::from)?,
+            )
+            .map_err(RunError::from)?;
         }
         if rank == 0 && pending.checkpoint_at.is_some_and(|at| step >= at) {
             pending.checkpoint_at = None;
-            commit(control, generation, spec, trainer, &ckpt_root, step, cursor, total, Some(report.total))?;
+            commit(
+                control,
+                generation,
+                spec,
+                trainer,
+                &ckpt_root,
+                step,
+                cursor,
+                total,
+                Some(report.total),
+            )?;
+            saved = step;
         }
         if pending.drain_at.is_some_and(|at| step >= at) {
-            if rank == 0 {
-                commit(control, generation, spec, trainer, &ckpt_root, step, cursor, total, Some(report.total))?;
+            if rank == 0 && saved < step {
+                commit(
+                    control,
+                    generation,
+                    spec,
+                    trainer,
+                    &ckpt_root,
+                    step,
+                    cursor,
+                    total,
+                    Some(report.total),
+                )?;
             }
             report_state(control, WorkerState::Drained, generation, Some(step));
-            wait_for_stop(control);
-            break GenerationEnd::Drained;
+            break wait_for_stop(control, generation, GenerationEnd::Drained);
         }
     };
     control.set_abort_hook(None);
@@ -418,7 +494,15 @@ fn commit(
     last_loss: Option<f64>,
 ) -> Result<(), DistributedError> {
     report_state(control, WorkerState::Checkpointing, generation, Some(step));
-    let dir = run::save(trainer, spec, root, step, cursor, total, last_loss.unwrap_or(f64::NAN))?;
+    let dir = run::save(
+        trainer,
+        spec,
+        root,
+        step,
+        cursor,
+        total,
+        last_loss.unwrap_or(f64::NAN),
+    )?;
     let checksum = checkpoint::state_checksum(&dir).map_err(RunError::from)?;
     let request = CommitCheckpointRequest {
         worker_id: control.worker_id().to_string(),
@@ -441,10 +525,17 @@ fn commit(
     Ok(())
 }
 
-fn wait_for_stop(control: &Control) {
+/// After DONE or DRAINED: the coordinator either stops us (`end`) or, if it lost a
+/// member before it could finish the job, aborts the generation so we rejoin.
+fn wait_for_stop(control: &Control, generation: u64, end: GenerationEnd) -> GenerationEnd {
     loop {
         match control.next_event(Duration::from_secs(60)) {
-            Some(ControlEvent::Command(command::Kind::Stop(_))) | Some(ControlEvent::Lost(_)) => return,
+            Some(ControlEvent::Command(command::Kind::Stop(_))) | Some(ControlEvent::Lost(_)) => {
+                return end
+            }
+            Some(ControlEvent::Command(command::Kind::Abort(a))) if a.generation == generation => {
+                return GenerationEnd::Aborted(a.reason)
+            }
             _ => {}
         }
     }
@@ -514,7 +605,11 @@ fn open_cache(
     let shards = proto::plan::order::Shards::new(source.image_count(), spec.data.shard_size as u32)
         .map_err(RunError::from)?;
     let dir = proto::cache::cache_dir(Path::new(&spec.job.run_dir));
-    Ok(CacheStore::open(&dir, &trainer.teacher_fingerprint(spec), shards))
+    Ok(CacheStore::open(
+        &dir,
+        &trainer.teacher_fingerprint(spec),
+        shards,
+    ))
 }
 
 /// Longest a step waits for teacher shards before the trainer fails, naming them.
@@ -579,7 +674,10 @@ impl RemoteCache<'_> {
             }
             missing = still;
         }
-        tracing::info!("cache shards ready after {:.1} s", started.elapsed().as_secs_f64());
+        tracing::info!(
+            "cache shards ready after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
         self.set_state(WorkerState::Training);
         Ok(())
     }
@@ -596,8 +694,12 @@ impl CacheGate for RemoteCache<'_> {
 
     fn corrupt(&mut self, store: &CacheStore, err: CacheError) -> Result<(), RunError> {
         let (shard, image_id) = match &err {
-            CacheError::Corrupt { shard, image_id, .. } => (*shard, *image_id),
-            CacheError::NoRecord { shard, image_id, .. } => (*shard, *image_id),
+            CacheError::Corrupt {
+                shard, image_id, ..
+            } => (*shard, *image_id),
+            CacheError::NoRecord {
+                shard, image_id, ..
+            } => (*shard, *image_id),
             CacheError::BadFile { shard, .. } | CacheError::Stale { shard, .. } => (*shard, 0),
             _ => return Err(err.into()),
         };
