@@ -47,7 +47,7 @@ fn serve(dir: &Path, addr: &str, resume: bool) -> (Child, mpsc::Receiver<String>
 const SETS: [&str; 5] = [
     "job.run_dir=\"run\"",
     "data.synthetic_images=48",
-    "train.epochs=4",
+    "train.epochs=12",
     "checkpoint.every_steps=6",
     "trainers.join_wait_s=5",
 ];
@@ -161,8 +161,8 @@ fn a_sigkilled_coordinator_resumes_from_its_journal_and_the_job_completes() {
         );
     }
     let run = dir.path().join("run");
-    // 48 images / batch 4 × 4 epochs = 48 steps, the last one checkpointed and exported.
-    assert!(run.join("checkpoints/step-00000048").is_dir());
+    // 48 images / batch 4 × 12 epochs = 144 steps, the last one checkpointed and exported.
+    assert!(run.join("checkpoints/step-00000144").is_dir());
     assert!(run.join("exports/final.safetensors").exists());
     let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
     assert!(journal.to_lowercase().contains("completed"), "{journal}");

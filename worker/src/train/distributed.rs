@@ -22,7 +22,7 @@ use tch::Device;
 use super::checkpoint;
 use super::export;
 use super::run::{self, CacheGate, RunError, StepFeed};
-use super::trainer::{StepReport, Trainer};
+use super::trainer::{StepReport, TrainError, Trainer};
 use crate::comm::nccl::NcclCollective;
 use crate::comm::ring::{RingCollective, RingListener};
 use crate::comm::{Collective, CommError};
@@ -46,8 +46,23 @@ pub enum DistributedError {
     Comm(#[from] CommError),
     #[error("the coordinator sent a job spec this worker cannot read: {0}")]
     BadSpec(String),
+    /// The coordinator moved on from this generation (it restarted or lost a member).
+    #[error("generation {0} is over: {1}")]
+    GenerationOver(u64, String),
     #[error("the dataset here has {here} images but the coordinator planned {coordinator}: every process must see the same data")]
     DatasetMismatch { here: u64, coordinator: u64 },
+}
+
+impl DistributedError {
+    /// Errors that end one generation but not this trainer.
+    fn ends_generation_only(&self) -> bool {
+        matches!(
+            self,
+            DistributedError::Comm(_)
+                | DistributedError::GenerationOver(..)
+                | DistributedError::Run(RunError::Train(TrainError::Comm(_)))
+        )
+    }
 }
 
 /// How this process's work ended.
@@ -131,12 +146,10 @@ pub fn run_trainer(
             Ok(GenerationEnd::Aborted(why)) => {
                 tracing::warn!("generation {} aborted: {why}", join.generation);
             }
-            Err(DistributedError::Comm(err)) => {
-                // A failed peer or an abort: the coordinator forms a new generation.
-                tracing::warn!(
-                    "generation {} failed in a collective: {err}",
-                    join.generation
-                );
+            Err(err) if err.ends_generation_only() => {
+                // A failed peer, an abort, or a coordinator that moved on: it forms a new
+                // generation; this trainer reports IDLE and rejoins.
+                tracing::warn!("generation {} ended: {err}", join.generation);
             }
             Err(err) => return Err(err),
         }
@@ -515,10 +528,21 @@ fn commit(
             epoch_step: cursor.step,
         }),
     };
-    let answer = control.call("CommitCheckpoint", |mut c| {
+    let answer = match control.call("CommitCheckpoint", |mut c| {
         let request = request.clone();
         async move { c.commit_checkpoint(request).await }
-    })?;
+    }) {
+        Ok(answer) => answer,
+        Err(ControlError::Refused { status, .. })
+            if status.code() == tonic::Code::FailedPrecondition =>
+        {
+            return Err(DistributedError::GenerationOver(
+                generation,
+                status.message().to_string(),
+            ))
+        }
+        Err(err) => return Err(err.into()),
+    };
     if !answer.accepted {
         tracing::warn!("coordinator did not accept checkpoint {}", dir.display());
     }
