@@ -617,6 +617,9 @@ impl CacheStore {
         if let Some(r) = self.lock().get(&shard) {
             return Ok(r.clone());
         }
+        // The store lives on the trainer's thread; the Arc only lets a reader outlive a
+        // `reopen` of its shard, it is never sent to another thread.
+        #[allow(clippy::arc_with_non_send_sync)]
         let reader = Arc::new(ShardReader::open(&self.dir, shard, &self.fingerprint)?);
         self.lock().insert(shard, reader.clone());
         Ok(reader)

@@ -29,8 +29,15 @@ pub enum PoolError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Teacher(#[from] TeacherError),
+    /// Boxed: a run error is large.
     #[error(transparent)]
-    Data(#[from] RunError),
+    Data(Box<RunError>),
+}
+
+impl From<RunError> for PoolError {
+    fn from(err: RunError) -> Self {
+        PoolError::Data(Box::new(err))
+    }
 }
 
 /// Leases and computes shards until the coordinator says stop.

@@ -38,8 +38,9 @@ const CONSISTENCY_EVERY: u64 = 50;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistributedError {
+    /// Boxed: a run error is large, and every call here returns this type.
     #[error(transparent)]
-    Run(#[from] RunError),
+    Run(Box<RunError>),
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error("collective: {0}")]
@@ -53,15 +54,19 @@ pub enum DistributedError {
     DatasetMismatch { here: u64, coordinator: u64 },
 }
 
+impl From<RunError> for DistributedError {
+    fn from(err: RunError) -> Self {
+        DistributedError::Run(Box::new(err))
+    }
+}
+
 impl DistributedError {
     /// Errors that end one generation but not this trainer.
     fn ends_generation_only(&self) -> bool {
         matches!(
             self,
-            DistributedError::Comm(_)
-                | DistributedError::GenerationOver(..)
-                | DistributedError::Run(RunError::Train(TrainError::Comm(_)))
-        )
+            DistributedError::Comm(_) | DistributedError::GenerationOver(..)
+        ) || matches!(self, DistributedError::Run(run) if matches!(**run, RunError::Train(TrainError::Comm(_))))
     }
 }
 
@@ -652,9 +657,8 @@ impl RemoteCache<'_> {
     fn shard_status(&self, shard: u32) -> Result<wire::ShardStatusResponse, RunError> {
         let request = wire::ShardStatusRequest { shard };
         self.control
-            .call("ShardStatus", |mut c| {
-                let request = request.clone();
-                async move { c.shard_status(request).await }
+            .call("ShardStatus", |mut c| async move {
+                c.shard_status(request).await
             })
             .map_err(|e| RunError::Coordinator(e.to_string()))
     }

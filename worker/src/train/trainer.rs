@@ -301,7 +301,7 @@ impl Trainer {
                 context,
             });
         }
-        if let (Some(c), Some(buckets)) = (comm.as_deref_mut(), self.buckets.as_mut()) {
+        if let (Some(c), Some(buckets)) = (comm, self.buckets.as_mut()) {
             buckets.all_reduce(c)?;
         }
         self.sync();
