@@ -116,6 +116,21 @@ pub fn select_device(request: DeviceRequest, info: &RuntimeInfo) -> Result<Devic
     }
 }
 
+/// This process's resident memory in bytes (from `/proc/self/statm`; 0 where unreadable).
+pub fn resident_bytes() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(0) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,19 +184,4 @@ mod tests {
             Err(DeviceError::NoSuchGpu { index: 2, count: 2 })
         ));
     }
-}
-
-/// This process's resident memory in bytes (from `/proc/self/statm`; 0 where unreadable).
-pub fn resident_bytes() -> u64 {
-    let Ok(text) = std::fs::read_to_string("/proc/self/statm") else {
-        return 0;
-    };
-    let pages: u64 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * page.max(0) as u64
 }
