@@ -113,7 +113,7 @@ fn a_sigkilled_coordinator_resumes_from_its_journal_and_the_job_completes() {
     let addr = format!("127.0.0.1:{}", free_port());
     let (mut first, lines) = serve(dir.path(), &addr, false);
     wait_for_line(&lines, "listening on", Duration::from_secs(60));
-    let mut workers = vec![
+    let mut workers = [
         worker(dir.path(), "teach", &addr, "teacher-0.log"),
         worker(dir.path(), "train", &addr, "trainer-0.log"),
         worker(dir.path(), "train", &addr, "trainer-1.log"),
