@@ -338,13 +338,18 @@ fn run_generation(
     let mut steps = StepFeed::new(spec, device, source.clone(), feed, store)?;
 
     let run_dir = PathBuf::from(&spec.job.run_dir);
-    let ckpt_root = run_dir.join("checkpoints");
     let micro = run::micro_batch_size(spec, world);
     let rows_per_image = trainer.rows_per_image(spec.data.vfm_resolution);
     let mut pending = Pending::default();
     let mut images_total = 0u64;
-    // The last step rank 0 checkpointed in this generation (the resume step counts).
-    let mut saved = step;
+    let mut checkpoints = Committer {
+        control,
+        generation,
+        spec,
+        root: run_dir.join("checkpoints"),
+        total,
+        saved: step,
+    };
     let result = loop {
         poll_commands(control, generation, &mut pending)?;
         if let Some(end) = pending.end.take() {
@@ -352,11 +357,7 @@ fn run_generation(
         }
         if step >= total {
             if rank == 0 {
-                if saved < step {
-                    commit(
-                        control, generation, spec, trainer, &ckpt_root, step, cursor, total, None,
-                    )?;
-                }
+                checkpoints.save(trainer, step, cursor, None)?;
                 let path = run_dir.join("exports").join("final.safetensors");
                 export::write_atomic(
                     &path,
@@ -429,32 +430,11 @@ fn run_generation(
         }
         if rank == 0 && pending.checkpoint_at.is_some_and(|at| step >= at) {
             pending.checkpoint_at = None;
-            commit(
-                control,
-                generation,
-                spec,
-                trainer,
-                &ckpt_root,
-                step,
-                cursor,
-                total,
-                Some(report.total),
-            )?;
-            saved = step;
+            checkpoints.save(trainer, step, cursor, Some(report.total))?;
         }
         if pending.drain_at.is_some_and(|at| step >= at) {
-            if rank == 0 && saved < step {
-                commit(
-                    control,
-                    generation,
-                    spec,
-                    trainer,
-                    &ckpt_root,
-                    step,
-                    cursor,
-                    total,
-                    Some(report.total),
-                )?;
+            if rank == 0 {
+                checkpoints.save(trainer, step, cursor, Some(report.total))?;
             }
             report_state(control, WorkerState::Drained, generation, Some(step));
             break wait_for_stop(control, generation, GenerationEnd::Drained);
@@ -498,32 +478,57 @@ fn prepare_trainer<'a>(
     Ok(trainer)
 }
 
-/// Rank 0: writes a checkpoint and asks the coordinator to commit it.
-#[allow(clippy::too_many_arguments)]
-fn commit(
-    control: &Control,
+/// Rank 0's checkpoints in one generation: each step is written and committed once.
+struct Committer<'a> {
+    control: &'a Control,
     generation: u64,
-    spec: &JobSpec,
+    spec: &'a JobSpec,
+    root: PathBuf,
+    total: u64,
+    /// The last step checkpointed (the resume step counts).
+    saved: u64,
+}
+
+impl Committer<'_> {
+    /// Writes a checkpoint of `step` unless it exists, and asks the coordinator to
+    /// commit it.
+    fn save(
+        &mut self,
+        trainer: &Trainer,
+        step: u64,
+        cursor: Cursor,
+        last_loss: Option<f64>,
+    ) -> Result<(), DistributedError> {
+        if self.saved >= step {
+            return Ok(());
+        }
+        commit(self, trainer, step, cursor, last_loss)?;
+        self.saved = step;
+        Ok(())
+    }
+}
+
+fn commit(
+    c: &Committer<'_>,
     trainer: &Trainer,
-    root: &Path,
     step: u64,
     cursor: Cursor,
-    total: u64,
     last_loss: Option<f64>,
 ) -> Result<(), DistributedError> {
+    let (control, generation) = (c.control, c.generation);
     report_state(control, WorkerState::Checkpointing, generation, Some(step));
     let dir = run::save(
         trainer,
-        spec,
-        root,
+        c.spec,
+        &c.root,
         step,
         cursor,
-        total,
+        c.total,
         last_loss.unwrap_or(f64::NAN),
     )?;
     let checksum = checkpoint::state_checksum(&dir).map_err(RunError::from)?;
     let request = CommitCheckpointRequest {
-        worker_id: control.worker_id().to_string(),
+        worker_id: control.worker_id(),
         generation,
         checkpoint: Some(CheckpointRef {
             step,
