@@ -7,97 +7,23 @@
 //!
 //! The exporter here is fed by the test, not by a running job: it proves the
 //! names, labels, types and buckets the dashboard and rules rely on against a
-//! real server. The same helpers scrape a running `coordinator launch` once the
-//! processes export (docs/metrics.md).
+//! real server, for every series, including those a healthy run never moves.
+//! tests/prometheus_launch.rs scrapes a running `coordinator launch`.
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::repo_root;
+use common::prometheus;
 use proto::metrics::{self, MetricKind, Role, CATALOG};
-use serde_json::Value;
 
 const JOB: &str = "demo";
 const HOST: &str = "node-a";
 /// Generous: Prometheus needs a few scrapes and rule evaluations (1 s apart) on a
 /// loaded 2-core machine. Not a timing assertion: the loop ends as soon as all pass.
 const DEADLINE: Duration = Duration::from_secs(120);
-
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port()
-}
-
-fn start_prometheus(dir: &Path, target: SocketAddr) -> Prometheus {
-    let rules = repo_root().join("deploy/prometheus/rules");
-    let config = format!(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-         rule_files:\n  - {}\n  - {}\n\
-         scrape_configs:\n  - job_name: declip\n    honor_labels: true\n    \
-         static_configs:\n      - targets: [\"{target}\"]\n",
-        rules.join("declip-recording.yml").display(),
-        rules.join("declip-alerts.yml").display(),
-    );
-    let config_path = dir.join("prometheus.yml");
-    std::fs::write(&config_path, config).unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", config_path.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address={addr}"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start prometheus");
-    Prometheus { child, addr }
-}
-
-fn get_json(url: &str, query: Option<&str>) -> Option<Value> {
-    let mut req = ureq::get(url);
-    if let Some(q) = query {
-        req = req.query("query", q);
-    }
-    let mut resp = req.call().ok()?;
-    let text = resp.body_mut().read_to_string().ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-/// The result of an instant query, or the error Prometheus gave.
-fn instant_query(prom: &Prometheus, expr: &str) -> Result<Vec<Value>, String> {
-    let url = format!("http://{}/api/v1/query", prom.addr);
-    let body = get_json(&url, Some(expr)).ok_or("no answer")?;
-    if body["status"] != "success" {
-        return Err(body.to_string());
-    }
-    Ok(body["data"]["result"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default())
-}
 
 fn sample_label(key: &str, i: u64) -> String {
     match key {
@@ -143,61 +69,9 @@ fn feed(round: u64) {
     }
 }
 
-fn dashboard_exprs() -> Vec<String> {
-    let text =
-        std::fs::read_to_string(repo_root().join("deploy/grafana/declip-dashboard.json")).unwrap();
-    let dash: Value = serde_json::from_str(&text).unwrap();
-    let mut out = Vec::new();
-    for p in dash["panels"].as_array().unwrap() {
-        for t in p["targets"].as_array().into_iter().flatten() {
-            let e = t["expr"].as_str().unwrap();
-            out.push(e.replace("$__rate_interval", "1m").replace("$job", JOB));
-        }
-    }
-    out
-}
-
-fn recorded_names() -> Vec<String> {
-    let text =
-        std::fs::read_to_string(repo_root().join("deploy/prometheus/rules/declip-recording.yml"))
-            .unwrap();
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("- record: "))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Every rule group loaded, every rule `health: ok`; returns how many rules.
-fn rules_healthy(prom: &Prometheus) -> Result<usize, String> {
-    let url = format!("http://{}/api/v1/rules", prom.addr);
-    let body = get_json(&url, None).ok_or("no answer")?;
-    let mut n = 0;
-    for group in body["data"]["groups"].as_array().ok_or("no groups")? {
-        for rule in group["rules"].as_array().into_iter().flatten() {
-            if rule["health"] != "ok" {
-                return Err(format!(
-                    "{} is {}: {}",
-                    rule["name"], rule["health"], rule["lastError"]
-                ));
-            }
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
 #[test]
 fn prometheus_scrapes_the_exporter_and_every_dashboard_and_recording_expression_has_data() {
-    if Command::new("prometheus")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "prometheus is missing in CI: scripts/test runs scripts/setup-prometheus"
-        );
-        eprintln!("SKIPPED: prometheus not installed (run scripts/setup-prometheus)");
+    if !prometheus::installed("prometheus") {
         return;
     }
     std::env::set_var(metrics::HOST_ENV, HOST);
@@ -215,36 +89,39 @@ fn prometheus_scrapes_the_exporter_and_every_dashboard_and_recording_expression_
         })
     };
     let dir = tempfile::tempdir().unwrap();
-    let prom = start_prometheus(dir.path(), target);
+    let scrape = format!(
+        "  - job_name: declip\n    honor_labels: true\n    \
+         static_configs:\n      - targets: [\"{target}\"]\n"
+    );
+    let prom = prometheus::start(dir.path(), &scrape);
 
-    let mut exprs = dashboard_exprs();
-    exprs.extend(recorded_names());
+    let mut exprs = prometheus::dashboard_exprs(JOB);
+    exprs.extend(prometheus::recorded_names());
+    let rules = prometheus::shipped_rule_count();
     let started = Instant::now();
     let mut missing: Vec<String>;
     loop {
         missing = exprs
             .iter()
-            .filter(|e| !instant_query(&prom, e).is_ok_and(|r| !r.is_empty()))
+            .filter(|e| !prom.query(e).is_ok_and(|r| !r.is_empty()))
             .cloned()
             .collect();
-        let health = rules_healthy(&prom);
-        if missing.is_empty() && health.as_ref().is_ok_and(|n| *n == 19) {
+        let health = prom.rules_healthy();
+        if missing.is_empty() && health.as_ref().is_ok_and(|n| *n == rules) {
             break;
         }
         if started.elapsed() > DEADLINE {
-            let log =
-                std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
-            let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
             panic!(
-                "after {DEADLINE:?}: rules {health:?}; no data for {} expressions:\n{}\nprometheus log (last lines, newest first):\n{tail}",
+                "after {DEADLINE:?}: rules {health:?} (of {rules}); no data for {} expressions:\n{}\nprometheus log (last lines, newest first):\n{}",
                 missing.len(),
-                missing.join("\n")
+                missing.join("\n"),
+                prometheus::log_tail(dir.path())
             );
         }
         std::thread::sleep(Duration::from_secs(1));
     }
     // The scrape really carried the process's labels (honor_labels kept `job`).
-    let up = instant_query(&prom, "declip_build_info").unwrap();
+    let up = prom.query("declip_build_info").unwrap();
     assert_eq!(up[0]["metric"]["job"], JOB, "{up:?}");
     assert_eq!(up[0]["metric"]["host"], HOST, "{up:?}");
     stop.store(true, Ordering::Relaxed);

@@ -52,6 +52,11 @@ pub fn check_token(token: &str) -> Result<(), TokenError> {
     Ok(())
 }
 
+/// `reason` labels of the calls the token check refuses.
+pub const MISSING_TOKEN: &str = "unauthenticated_missing_token";
+pub const WRONG_TOKEN: &str = "unauthenticated_wrong_token";
+pub const MALFORMED_TOKEN: &str = "unauthenticated_malformed_token";
+
 /// Checks the `authorization` metadata of every call.
 #[derive(Clone)]
 pub struct AuthInterceptor {
@@ -79,12 +84,12 @@ impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let peer = request.remote_addr();
         let Some(value) = request.metadata().get(METADATA_KEY) else {
-            return Err(self.refuse("unauthenticated_missing_token", peer));
+            return Err(self.refuse(MISSING_TOKEN, peer));
         };
         match value.to_str().ok().and_then(parse_bearer) {
             Some(token) if tokens_equal(token, &self.token) => Ok(request),
-            Some(_) => Err(self.refuse("unauthenticated_wrong_token", peer)),
-            None => Err(self.refuse("unauthenticated_malformed_token", peer)),
+            Some(_) => Err(self.refuse(WRONG_TOKEN, peer)),
+            None => Err(self.refuse(MALFORMED_TOKEN, peer)),
         }
     }
 }

@@ -58,6 +58,19 @@ pub struct ServeOptions {
     /// Replay `run_dir/journal.jsonl` instead of starting a new job.
     pub resume: bool,
     pub tls: Option<ServerTls>,
+    /// `/metrics` listen address (`IP:port`, port 0 picks one, see
+    /// [`Running::metrics_addr`]); `None` serves none. The exporter is process-wide:
+    /// at most one coordinator per process may have one.
+    pub metrics_listen: Option<String>,
+}
+
+/// Where the coordinator serves `/metrics`: the gRPC listen address's host with
+/// `coordinator.metrics_port` (0 = pick one).
+pub fn metrics_listen(grpc_listen: &str, metrics_port: u16) -> String {
+    let host = grpc_listen
+        .rsplit_once(':')
+        .map_or(grpc_listen, |(host, _port)| host);
+    format!("{host}:{metrics_port}")
 }
 
 /// A serving coordinator. Dropping it aborts the server (as a crash would: the journal
@@ -68,6 +81,8 @@ pub struct Running {
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     ticker: JoinHandle<()>,
+    metrics_addr: Option<SocketAddr>,
+    exporter: Option<JoinHandle<()>>,
 }
 
 /// Counts the dataset, opens (or replays) the journal, binds and serves.
@@ -78,6 +93,7 @@ pub async fn start(spec: JobSpec, opts: ServeOptions) -> anyhow::Result<Running>
         .await
         .context("counting the dataset")??;
     let cfg = JobConfig::from_spec(&spec, image_count)?;
+    let job_name = spec.job.name.clone();
     let heartbeat = cfg.heartbeat_timeout;
     let (journal, records) = Journal::open(&opts.run_dir, opts.resume)?;
     let now = Instant::now();
@@ -111,12 +127,25 @@ pub async fn start(spec: JobSpec, opts: ServeOptions) -> anyhow::Result<Running>
     let server = tokio::spawn(serve);
     let ticker = tokio::spawn(tick_forever(core.clone(), heartbeat));
     tracing::info!("listening on {addr}");
+    let metrics_addr = match &opts.metrics_listen {
+        Some(listen) => Some(
+            proto::metrics::install_for(listen, &job_name, proto::metrics::Role::Coordinator)
+                .context("starting the /metrics exporter")?,
+        ),
+        None => None,
+    };
+    let exporter = metrics_addr.map(|metrics_addr| {
+        tracing::info!("serving /metrics on {metrics_addr}");
+        tokio::spawn(metrics::export_forever(core.subscribe()))
+    });
     Ok(Running {
         addr,
         core,
         shutdown: Some(shutdown_tx),
         server: Some(server),
         ticker,
+        metrics_addr,
+        exporter,
     })
 }
 
@@ -132,6 +161,11 @@ async fn tick_forever(core: Arc<Core>, heartbeat: Duration) {
 impl Running {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics` is served, if [`ServeOptions::metrics_listen`] asked for it.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn status(&self) -> JobStatus {
@@ -179,6 +213,9 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.ticker.abort();
+        if let Some(exporter) = &self.exporter {
+            exporter.abort();
+        }
         if let Some(server) = &self.server {
             server.abort();
         }

@@ -158,8 +158,13 @@ async fn serve(
             .as_deref()
             .map(std::path::Path::new),
     )?;
+    let listen = listen.unwrap_or_else(|| spec.coordinator.listen.clone());
     let opts = ServeOptions {
-        listen: listen.unwrap_or_else(|| spec.coordinator.listen.clone()),
+        metrics_listen: Some(coordinator::metrics_listen(
+            &listen,
+            spec.coordinator.metrics_port,
+        )),
+        listen,
         run_dir: resume
             .clone()
             .unwrap_or_else(|| PathBuf::from(&spec.job.run_dir)),
@@ -168,6 +173,12 @@ async fn serve(
         tls: ServerTls::from_spec(&spec.coordinator),
     };
     let running = coordinator::start(spec, opts).await?;
+    if let Some(metrics) = running.metrics_addr() {
+        eprintln!(
+            "coordinator on {}, metrics on http://{metrics}/metrics",
+            running.addr()
+        );
+    }
     Ok(match wait_or_drain(running).await? {
         JobPhase::Completed | JobPhase::Stopped => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,

@@ -136,6 +136,7 @@ pub fn report(r: &WorkerReport, worker_id: &str) -> Result<(), Refusal> {
     if WorkerState::try_from(r.state).is_err() {
         return invalid("bad_field", format!("unknown worker state {}", r.state));
     }
+    name("metrics_address", &r.metrics_address, MAX_NAME)?;
     amount("images_per_s", r.images_per_s)?;
     amount("learning_rate", r.learning_rate)?;
     amount("cache_wait", r.cache_wait)?;

@@ -85,6 +85,8 @@ pub struct Control {
     abort_hook: Arc<Mutex<Option<AbortHook>>>,
     /// Our worker id; a coordinator that forgot us (not resumed) hands out a new one.
     identity: Arc<Mutex<String>>,
+    /// Where this process serves `/metrics`, stamped on every report ("" = none yet).
+    metrics_address: Mutex<String>,
 }
 
 impl Control {
@@ -119,6 +121,7 @@ impl Control {
         Ok(Self {
             runtime,
             client,
+            metrics_address: Mutex::new(config.metrics_address.clone()),
             config,
             registration,
             reports,
@@ -133,8 +136,20 @@ impl Control {
     }
 
     /// Publishes the latest report (sent now, and repeated as the heartbeat).
-    pub fn report(&self, report: WorkerReport) {
+    pub fn report(&self, mut report: WorkerReport) {
+        if let Ok(addr) = self.metrics_address.lock() {
+            report.metrics_address.clone_from(&addr);
+        }
         self.reports.send_replace(report);
+    }
+
+    /// Where this process serves `/metrics` (known only after registering: the
+    /// exporter's `job` label is the registration's job name). Sent with the next report.
+    pub fn set_metrics_address(&self, addr: &str) {
+        if let Ok(mut mine) = self.metrics_address.lock() {
+            *mine = addr.to_string();
+        }
+        self.report(self.last_report());
     }
 
     /// The last published report, to change a few fields of it.

@@ -10,4 +10,5 @@ pub mod distill;
 pub mod model;
 pub mod runtime;
 pub mod teacher;
+pub mod telemetry;
 pub mod train;

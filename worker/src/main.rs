@@ -185,6 +185,10 @@ struct RemoteArgs {
     /// Where this trainer's CPU ring listener binds (peers connect to it).
     #[arg(long, env = "DECLIP_RING_LISTEN", default_value = "127.0.0.1:0")]
     ring_listen: String,
+    /// Where this process serves Prometheus `/metrics` (IP:port; port 0 picks one and
+    /// reports it to the coordinator, which `coordinator launch` prints).
+    #[arg(long, env = "DECLIP_METRICS_LISTEN", default_value = "127.0.0.1:0")]
+    metrics_listen: String,
 }
 
 fn main() -> ExitCode {
@@ -395,6 +399,7 @@ impl RemoteArgs {
             rank_hint: self.rank_hint.unwrap_or(-1),
             reconnect_timeout: std::time::Duration::from_secs(self.reconnect_timeout_s),
             ring_listen: self.ring_listen.clone(),
+            metrics_listen: self.metrics_listen.clone(),
         }
     }
 }

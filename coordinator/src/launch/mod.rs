@@ -5,6 +5,7 @@
 
 mod progress;
 mod supervisor;
+mod targets;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -55,6 +56,10 @@ pub async fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
             token: token.clone(),
             resume: args.resume,
             tls: ServerTls::from_spec(&spec.coordinator),
+            metrics_listen: Some(crate::metrics_listen(
+                &spec.coordinator.listen,
+                spec.coordinator.metrics_port,
+            )),
         },
     )
     .await
@@ -85,6 +90,16 @@ pub async fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
     let cache_mode = spec.teachers.mode == TeacherMode::Cache;
     let mut view = progress::Progress::new(cache_mode);
     let mut seen = LossHistory::default();
+    let mut targets = targets::MetricsTargets::new(&run_dir);
+    if let Some(metrics) = running.metrics_addr() {
+        targets
+            .add("coordinator", &metrics.to_string())
+            .with_context(|| format!("writing {}", targets.path().display()))?;
+        eprintln!(
+            "metrics: coordinator on http://{metrics}/metrics (job-level series); every address in {}",
+            targets.path().display()
+        );
+    }
     let mut status_rx = running.subscribe();
     let mut interrupted = false;
     let mut trainers_left = spec.trainers.max;
@@ -94,6 +109,7 @@ pub async fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
                 if changed.is_err() { break None; }
                 let status = status_rx.borrow_and_update().clone();
                 seen.observe(&status);
+                announce_metrics(&mut targets, &status, &view);
                 view.update(&status);
                 if is_final(status.phase()) { break None; }
             }
@@ -134,6 +150,22 @@ pub async fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         (JobPhase::Stopped, true) => ExitCode::from(130),
         _ => ExitCode::FAILURE,
     })
+}
+
+/// Prints each worker's `/metrics` address once and adds it to the targets file.
+fn announce_metrics(
+    targets: &mut targets::MetricsTargets,
+    status: &JobStatus,
+    view: &progress::Progress,
+) {
+    match targets.observe(status) {
+        Ok(new) => {
+            for (who, addr) in new {
+                view.note(&format!("metrics: {who} on http://{addr}/metrics"));
+            }
+        }
+        Err(err) => tracing::warn!("writing {}: {err}", targets.path().display()),
+    }
 }
 
 /// A fresh job token: 32 random bytes from the kernel, hex. It reaches the workers only

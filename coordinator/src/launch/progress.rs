@@ -13,7 +13,7 @@ const PLAIN_EVERY: Duration = Duration::from_secs(10);
 
 pub enum Progress {
     Bars {
-        _multi: MultiProgress,
+        multi: MultiProgress,
         teachers: Option<ProgressBar>,
         steps: ProgressBar,
     },
@@ -42,7 +42,7 @@ impl Progress {
             "training {bar:30.green/white} {pos}/{len} steps  ETA {eta}  {msg}",
         )));
         Progress::Bars {
-            _multi: multi,
+            multi,
             teachers,
             steps,
         }
@@ -76,6 +76,18 @@ impl Progress {
                     *last_line = line;
                 }
             }
+        }
+    }
+
+    /// A line above the bars (or on its own line without them).
+    pub fn note(&self, line: &str) {
+        match self {
+            Progress::Bars { multi, .. } => {
+                if multi.println(line).is_err() {
+                    eprintln!("{line}");
+                }
+            }
+            Progress::Plain { .. } => eprintln!("{line}"),
         }
     }
 

@@ -131,6 +131,7 @@ impl Supervisor {
             restarts += 1;
             self.restarts
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::worker_restarted(slot.role.as_str());
             let pause = self.policy.backoff * restarts;
             tracing::warn!(
                 "{} {} failed ({status}); restart {restarts}/{} in {:.0} s (log {})",

@@ -340,6 +340,7 @@ impl JobState {
                     self.world = None;
                 }
                 self.restarts += 1;
+                crate::metrics::generation_aborted(reason);
                 self.event(format!(
                     "{worker_id} lost from generation {generation}: {reason}"
                 ));
@@ -353,6 +354,7 @@ impl JobState {
                     checkpoint.step
                 ));
                 self.checkpoints.push(checkpoint.clone());
+                crate::metrics::checkpoint_committed();
             }
             Record::Drain {
                 generation,
@@ -730,6 +732,10 @@ impl JobState {
         self.check_generation(worker_id, role, &report)?;
         if let Some(w) = self.workers.get_mut(worker_id) {
             w.last_seen = now;
+            // A worker learns its /metrics address after registering (see declip.proto).
+            if !report.metrics_address.is_empty() {
+                w.metrics_address = report.metrics_address.clone();
+            }
             w.report = report.clone();
         }
         let mut out = Vec::new();
@@ -1148,18 +1154,24 @@ impl JobState {
             last_checkpoint: self.checkpoints.latest().map(checkpoint_ref),
             recent_events: self.events.iter().cloned().collect(),
             skips: self.skips(),
-            images_total: self
-                .workers
-                .values()
-                .filter(|w| w.role == Role::Trainer)
-                .map(|w| w.report.images_total)
-                .sum(),
+            images_total: self.trainer_sum(|r| r.images_total),
+            cache_hits: self.trainer_sum(|r| r.cache_hits),
+            cache_misses: self.trainer_sum(|r| r.cache_misses),
             elapsed_s: now.saturating_duration_since(self.started).as_secs_f64(),
             restarts: self.restarts,
             error: self.error.clone(),
             ranks,
             teachers,
         }
+    }
+
+    /// A cumulative count summed over every trainer's last report.
+    fn trainer_sum(&self, count: impl Fn(&WorkerReport) -> u64) -> u64 {
+        self.workers
+            .values()
+            .filter(|w| w.role == Role::Trainer)
+            .map(|w| count(&w.report))
+            .sum()
     }
 
     fn skips(&self) -> Vec<SkipCount> {

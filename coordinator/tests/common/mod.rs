@@ -37,6 +37,7 @@ pub async fn serve(spec: JobSpec, run_dir: &Path, resume: bool, tls: Option<Serv
             token: TOKEN.into(),
             resume,
             tls,
+            metrics_listen: None,
         },
     )
     .await

@@ -19,6 +19,8 @@ pub fn export_job_status(status: &JobStatus) {
     metrics::gauge!(JOB_ELAPSED_SECONDS).set(status.elapsed_s);
     metrics::gauge!(JOB_IMAGES_PER_SECOND).set(status.images_per_s);
     metrics::counter!(JOB_IMAGES_TOTAL).absolute(status.images_total);
+    metrics::counter!(JOB_CACHE_HITS_TOTAL).absolute(status.cache_hits);
+    metrics::counter!(JOB_CACHE_MISSES_TOTAL).absolute(status.cache_misses);
     metrics::gauge!(GENERATION).set(status.generation as f64);
     metrics::gauge!(WORLD_SIZE).set(f64::from(status.world_size));
     if let Some(losses) = &status.losses {
@@ -29,11 +31,17 @@ pub fn export_job_status(status: &JobStatus) {
     }
     let last = status.last_checkpoint.as_ref().map_or(0, |c| c.step);
     metrics::gauge!(CHECKPOINT_LAST_STEP).set(last as f64);
+    // Every known reason from 0, so the skip panels and alerts have series in a clean
+    // run; a reason this build does not know is exported as reported.
+    for reason in crate::dataset::SkipReason::ALL.map(|r| r.as_str()) {
+        metrics::counter!(JOB_DATA_SKIPS_TOTAL, LABEL_REASON => reason).absolute(0);
+    }
     for skip in &status.skips {
         metrics::counter!(JOB_DATA_SKIPS_TOTAL, LABEL_REASON => skip.reason.clone())
             .absolute(skip.count);
     }
-    for rank in &status.ranks {
+    // Trainers waiting outside the world are listed with rank u32::MAX: not a rank.
+    for rank in status.ranks.iter().filter(|r| r.rank != u32::MAX) {
         export_rank(rank);
     }
 }

@@ -351,7 +351,8 @@ fn sample_status() -> crate::wire::JobStatus {
             context: 0.25,
             total: 0.525,
         }),
-        ranks: vec![rank(0, 0.5), rank(1, 3.5)],
+        // The third trainer waits outside the world (rank u32::MAX): no rank series.
+        ranks: vec![rank(0, 0.5), rank(1, 3.5), rank(u32::MAX, 1.0)],
         teacher_progress: Some(TeacherProgress {
             shards_total: 10,
             shards_done: 6,
@@ -369,6 +370,8 @@ fn sample_status() -> crate::wire::JobStatus {
         }],
         images_total: 672,
         elapsed_s: 30.0,
+        cache_hits: 600,
+        cache_misses: 72,
         ..Default::default()
     }
 }
@@ -408,6 +411,8 @@ fn the_job_status_becomes_the_coordinator_s_job_and_rank_series() {
         0.0
     );
     assert_eq!(series_value(&text, JOB_IMAGES_TOTAL, &[]), 672.0);
+    assert_eq!(series_value(&text, JOB_CACHE_HITS_TOTAL, &[]), 600.0);
+    assert_eq!(series_value(&text, JOB_CACHE_MISSES_TOTAL, &[]), 72.0);
     assert_eq!(
         series_value(&text, JOB_LOSS, &["component=\"context\""]),
         0.25
@@ -421,6 +426,10 @@ fn the_job_status_becomes_the_coordinator_s_job_and_rank_series() {
     assert_eq!(
         series_value(&text, JOB_DATA_SKIPS_TOTAL, &["reason=\"corrupt\""]),
         2.0
+    );
+    assert_eq!(
+        series_value(&text, JOB_DATA_SKIPS_TOTAL, &["reason=\"missing\""]),
+        0.0
     );
     assert_eq!(series_value(&text, CHECKPOINT_LAST_STEP, &[]), 40.0);
     assert_eq!(
@@ -437,6 +446,7 @@ fn the_job_status_becomes_the_coordinator_s_job_and_rank_series() {
         0.4
     );
     assert_eq!(series_value(&text, WORLD_SIZE, &[]), 2.0);
+    assert!(!text.contains(&u32::MAX.to_string()), "{text}");
     for line in text.lines().filter(|l| l.starts_with("declip_")) {
         let name = line.split(['{', ' ']).next().unwrap();
         let def = find(name).unwrap_or_else(|| panic!("{name} is not in the catalog"));

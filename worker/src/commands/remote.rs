@@ -8,10 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 use proto::client::ClientTls;
 use proto::job::JobSpec;
+use proto::metrics;
 use proto::wire::Role;
 use worker::comm::ring::RingListener;
 use worker::control::{self, Control, ControlConfig};
 use worker::runtime::RuntimeInfo;
+use worker::telemetry;
 use worker::train::distributed::{self, TrainerExit};
 
 #[derive(Clone, Debug)]
@@ -20,6 +22,7 @@ pub struct RemoteOptions {
     pub rank_hint: i32,
     pub reconnect_timeout: Duration,
     pub ring_listen: String,
+    pub metrics_listen: String,
 }
 
 /// The job token: `DECLIP_TOKEN`, else `--token-file`.
@@ -57,6 +60,7 @@ fn connect(
         metrics_address: String::new(),
         reconnect_timeout: options.reconnect_timeout,
     };
+    let host = config.host.clone();
     let control = Control::connect(config)
         .with_context(|| format!("registering with the coordinator at {addr}"))?;
     let spec = distributed::job_from_registration(&control.registration)?;
@@ -66,6 +70,15 @@ fn connect(
         spec.job.name,
         control.registration.image_count
     );
+    // The exporter starts now: its `job` label is the job name the coordinator sent.
+    let metrics_role = match role {
+        Role::Teacher => metrics::Role::Teacher,
+        _ => metrics::Role::Trainer,
+    };
+    let metrics = telemetry::serve(&options.metrics_listen, &spec.job.name, metrics_role, &host)
+        .with_context(|| format!("serving /metrics on {}", options.metrics_listen))?;
+    tracing::info!("serving /metrics on {metrics}");
+    control.set_metrics_address(&metrics);
     Ok((control, spec))
 }
 

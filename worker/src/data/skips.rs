@@ -177,6 +177,10 @@ impl<S: ImageSource> ImageSource for SkippingSource<S> {
             self.counts()
         )))
     }
+
+    fn skip_counts(&self) -> SkipCounts {
+        self.counts()
+    }
 }
 
 #[cfg(test)]

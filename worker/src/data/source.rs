@@ -2,6 +2,7 @@
 //! Sources are shared with the loader's threads, hence `Send + Sync` where used.
 
 use proto::cache::ContentKey;
+use proto::dataset::SkipCounts;
 
 use super::image::RgbImage;
 use super::sample::SampleError;
@@ -29,6 +30,10 @@ pub trait ImageSource {
         let (id, image) = self.image(index)?;
         let key = ContentKey::of_pixels(image.width, image.height, &image.pixels);
         Ok(SourceImage { id, image, key })
+    }
+    /// Images skipped so far, by reason (sources that skip bad files override this).
+    fn skip_counts(&self) -> SkipCounts {
+        SkipCounts::default()
     }
 }
 

@@ -568,6 +568,20 @@ impl CacheStore {
         })
     }
 
+    /// Of `indices`, how many have a usable shard file now and how many do not
+    /// (`(hits, misses)`: the cache's hit count when a step needs them).
+    pub fn hits_and_misses(&self, indices: &[u32]) -> Result<(u64, u64), CacheError> {
+        let needed = self.shards_needed(indices)?;
+        let unusable = self.unusable(&needed);
+        let mut misses = 0;
+        for &index in indices {
+            if unusable.contains(&self.shard_of(index)?) {
+                misses += 1;
+            }
+        }
+        Ok((indices.len() as u64 - misses, misses))
+    }
+
     /// Of `shards`, those without a usable file (missing, stale or unreadable header).
     pub fn unusable(&self, shards: &[u32]) -> Vec<u32> {
         shards

@@ -16,6 +16,7 @@ use tch::Device;
 
 use crate::control::{Control, ControlError, ControlEvent};
 use crate::data::source::ImageSource;
+use crate::telemetry::{self, ShardGiveUp, TeacherSeries};
 use crate::train::run::{self, RunError};
 
 use super::cache::ShardWritten;
@@ -46,6 +47,12 @@ pub fn run_teacher(control: &Control, spec: &JobSpec, device: Device) -> Result<
     let models = TeacherModels::new(spec, device)?;
     let dir = proto::cache::cache_dir(Path::new(&spec.job.run_dir));
     let mut images_total = 0u64;
+    let teacher = Teacher {
+        control,
+        series: TeacherSeries::new(),
+        source: &source,
+        device,
+    };
     loop {
         if stop_requested(control)? {
             return Ok(());
@@ -59,18 +66,17 @@ pub fn run_teacher(control: &Control, spec: &JobSpec, device: Device) -> Result<
         })?;
         match answer.outcome {
             Some(acquire_shard_response::Outcome::Lease(lease)) => {
-                images_total +=
-                    teach_shard(control, spec, &models, &source, &dir, &lease, images_total)?;
+                images_total += teach_shard(&teacher, spec, &models, &dir, &lease, images_total)?;
             }
             Some(acquire_shard_response::Outcome::RetryInMs(ms)) => {
-                publish(control, WorkerState::Idle, images_total, 0.0);
+                teacher.publish(WorkerState::Idle, images_total, 0.0);
                 if wait_or_stop(control, Duration::from_millis(ms.clamp(50, 5000)))? {
                     return Ok(());
                 }
             }
             // Everything is cached; stay for recomputations (a corrupt shard) until Stop.
             Some(acquire_shard_response::Outcome::AllDone(_)) | None => {
-                publish(control, WorkerState::Idle, images_total, 0.0);
+                teacher.publish(WorkerState::Idle, images_total, 0.0);
                 if wait_or_stop(control, Duration::from_secs(2))? {
                     return Ok(());
                 }
@@ -79,31 +85,72 @@ pub fn run_teacher(control: &Control, spec: &JobSpec, device: Device) -> Result<
     }
 }
 
+/// What every shard of this process shares: where it reports, its series, its images.
+struct Teacher<'a> {
+    control: &'a Control,
+    series: TeacherSeries,
+    source: &'a dyn ImageSource,
+    device: Device,
+}
+
+impl Teacher<'_> {
+    /// The teacher's report (its shard is known to the coordinator from the lease) and
+    /// the same facts on `/metrics`.
+    fn publish(&self, state: WorkerState, images_total: u64, rate: f64) {
+        let gpu = telemetry::gpu_memory_bytes(self.device);
+        self.series
+            .progress(images_total, &self.source.skip_counts(), gpu);
+        self.control.report(WorkerReport {
+            state: state as i32,
+            images_total,
+            images_per_s: rate,
+            memory_bytes: crate::runtime::resident_bytes(),
+            gpu_memory_bytes: gpu,
+            ..Default::default()
+        });
+    }
+}
+
 /// One leased shard; returns the images computed (0 when the lease was lost).
 fn teach_shard(
-    control: &Control,
+    teacher: &Teacher<'_>,
     spec: &JobSpec,
     models: &TeacherModels,
-    source: &dyn ImageSource,
     dir: &Path,
     lease: &ShardLease,
     images_before: u64,
 ) -> Result<u64, PoolError> {
+    teacher.series.leased(1);
+    let result = compute_shard(teacher, spec, models, dir, lease, images_before);
+    teacher.series.leased(0);
+    match &result {
+        Ok(0) => teacher.series.shard_given_up(ShardGiveUp::LeaseLost),
+        Ok(_) => {}
+        Err(_) => teacher.series.shard_given_up(ShardGiveUp::Error),
+    }
+    result
+}
+
+/// Computes, writes and completes one leased shard, renewing the lease meanwhile.
+fn compute_shard(
+    teacher: &Teacher<'_>,
+    spec: &JobSpec,
+    models: &TeacherModels,
+    dir: &Path,
+    lease: &ShardLease,
+    images_before: u64,
+) -> Result<u64, PoolError> {
+    let (control, source) = (teacher.control, teacher.source);
     let started = Instant::now();
     let renew_every =
         Duration::from_millis(lease.expires_in_ms / 3).max(Duration::from_millis(100));
     let mut last_renewal = Instant::now();
     let worker_id = control.worker_id().to_string();
-    publish(control, WorkerState::Teaching, images_before, 0.0);
+    teacher.publish(WorkerState::Teaching, images_before, 0.0);
     let range = lease.first_image as u32..(lease.first_image as u32 + lease.image_count);
     let mut progress = |done: u32| -> bool {
         let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        publish(
-            control,
-            WorkerState::Teaching,
-            images_before + done as u64,
-            rate,
-        );
+        teacher.publish(WorkerState::Teaching, images_before + done as u64, rate);
         if last_renewal.elapsed() < renew_every {
             return true;
         }
@@ -151,6 +198,9 @@ fn teach_shard(
                 let request = request.clone();
                 async move { c.complete_shard(request).await }
             })?;
+            teacher
+                .series
+                .shard_done(bytes, started.elapsed().as_secs_f64());
             tracing::info!(
                 "shard {} done: {images} images, {bytes} bytes in {:.1} s{}",
                 lease.shard,
@@ -181,17 +231,6 @@ fn teach_shard(
             Err(err.into())
         }
     }
-}
-
-/// The teacher's report (its shard is known to the coordinator from the lease).
-fn publish(control: &Control, state: WorkerState, images_total: u64, rate: f64) {
-    control.report(WorkerReport {
-        state: state as i32,
-        images_total,
-        images_per_s: rate,
-        memory_bytes: crate::runtime::resident_bytes(),
-        ..Default::default()
-    });
 }
 
 fn stop_requested(control: &Control) -> Result<bool, PoolError> {

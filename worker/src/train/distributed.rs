@@ -29,6 +29,7 @@ use crate::comm::{Collective, CommError};
 use crate::control::{Control, ControlError, ControlEvent};
 use crate::data::loader::{BatchFeed, SharedSource};
 use crate::teacher::cache::{CacheError, CacheStore};
+use crate::telemetry::{self, TrainerSeries};
 
 /// How long ranks wait for each other (connect, collectives) before calling a peer lost.
 pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -341,7 +342,14 @@ fn run_generation(
     let micro = run::micro_batch_size(spec, world);
     let rows_per_image = trainer.rows_per_image(spec.data.vfm_resolution);
     let mut pending = Pending::default();
-    let mut images_total = 0u64;
+    // Process totals: they continue across generations, as the coordinator sums them.
+    let last = control.last_report();
+    let mut images_total = last.images_total;
+    let mut cache = CacheCounts {
+        hits: last.cache_hits,
+        misses: last.cache_misses,
+    };
+    let series = TrainerSeries::new(rank, world, generation, &last);
     let mut checkpoints = Committer {
         control,
         generation,
@@ -349,6 +357,7 @@ fn run_generation(
         root: run_dir.join("checkpoints"),
         total,
         saved: step,
+        series: &series,
     };
     let result = loop {
         poll_commands(control, generation, &mut pending)?;
@@ -372,11 +381,17 @@ fn run_generation(
             break wait_for_stop(control, generation, GenerationEnd::Completed);
         }
         let waited = Instant::now();
+        let mut cache_wait = 0.0;
         if let (StepFeed::Cached { store, .. }, Ok(global)) = (&steps, order.batch_at(cursor)) {
             // Every rank waits for the whole global batch's shards, so no rank sits in a
             // collective while another waits for the cache.
             let needed = store.shards_needed(&global).map_err(RunError::from)?;
+            let mine = rank_slice(&global, rank, world).unwrap_or_default();
+            let (hits, misses) = store.hits_and_misses(mine).map_err(RunError::from)?;
+            cache.hits += hits;
+            cache.misses += misses;
             gate.ready(store, &needed)?;
+            cache_wait = waited.elapsed().as_secs_f64();
         }
         let (_, rank_images, micro_batches, counts) = steps
             .next_step(trainer, micro, rows_per_image, &mut gate)?
@@ -396,18 +411,23 @@ fn run_generation(
                 .map_err(RunError::from)?;
         }
         let elapsed = started.elapsed().as_secs_f64() + data_wait;
-        publish_step(
-            control,
+        let published = step_report(StepFacts {
             generation,
             step,
             cursor,
-            &report,
-            comm.sequence(),
-            images,
+            report: &report,
+            sequence: comm.sequence(),
+            rank_images,
             elapsed,
             data_wait,
             images_total,
-        );
+            cache_wait,
+            cache,
+            skips: telemetry::skips(&source.skip_counts()),
+            gpu_memory_bytes: telemetry::gpu_memory_bytes(device),
+        });
+        series.step(&published);
+        control.report(published);
         if step % spec.train.log_every == 0 || step == total {
             tracing::info!(
                 "gen {generation} rank {rank}: step {step}/{total} epoch {} loss {:.4} ({:.1} img/s)",
@@ -487,6 +507,7 @@ struct Committer<'a> {
     total: u64,
     /// The last step checkpointed (the resume step counts).
     saved: u64,
+    series: &'a TrainerSeries,
 }
 
 impl Committer<'_> {
@@ -502,7 +523,9 @@ impl Committer<'_> {
         if self.saved >= step {
             return Ok(());
         }
+        let started = Instant::now();
         commit(self, trainer, step, cursor, last_loss)?;
+        self.series.checkpoint(started.elapsed().as_secs_f64());
         self.saved = step;
         Ok(())
     }
@@ -588,45 +611,68 @@ fn report_state(control: &Control, state: WorkerState, generation: u64, step: Op
     control.report(report);
 }
 
-#[allow(clippy::too_many_arguments)]
-fn publish_step(
-    control: &Control,
+/// What a step's report is made of.
+struct StepFacts<'a> {
     generation: u64,
     step: u64,
     cursor: Cursor,
-    r: &StepReport,
+    report: &'a StepReport,
     sequence: u64,
-    images: u64,
+    /// Images of this rank's slice (the job's rate is the sum over ranks).
+    rank_images: u64,
+    /// Seconds, the data wait included.
     elapsed: f64,
     data_wait: f64,
     images_total: u64,
-) {
-    control.report(WorkerReport {
+    /// Seconds of `data_wait` spent waiting for teacher shards.
+    cache_wait: f64,
+    cache: CacheCounts,
+    skips: Vec<wire::SkipCount>,
+    gpu_memory_bytes: u64,
+}
+
+/// This process's cache lookups so far (records of its slices).
+#[derive(Clone, Copy, Debug, Default)]
+struct CacheCounts {
+    hits: u64,
+    misses: u64,
+}
+
+/// The report of a completed step: for the coordinator and, through
+/// [`TrainerSeries::step`], for this process's `/metrics`.
+fn step_report(f: StepFacts<'_>) -> WorkerReport {
+    let r = f.report;
+    WorkerReport {
         worker_id: String::new(),
         state: WorkerState::Training as i32,
-        generation,
-        step,
-        epoch: cursor.epoch as u64,
+        generation: f.generation,
+        step: f.step,
+        epoch: f.cursor.epoch as u64,
         losses: Some(wire::Losses {
             content: r.content,
             context: r.context,
             total: r.total,
         }),
-        images_per_s: images as f64 / elapsed.max(1e-9),
+        images_per_s: f.rank_images as f64 / f.elapsed.max(1e-9),
         step_times: Some(wire::StepTimes {
-            data_wait,
+            data_wait: f.data_wait,
             forward: r.forward_s,
             backward: r.backward_s,
             all_reduce: r.all_reduce_s,
             optimizer: r.optimizer_s,
-            total: elapsed,
+            total: f.elapsed,
         }),
-        collective_seq: sequence,
+        collective_seq: f.sequence,
         memory_bytes: crate::runtime::resident_bytes(),
-        images_total,
+        gpu_memory_bytes: f.gpu_memory_bytes,
+        images_total: f.images_total,
         learning_rate: r.lr,
+        skips: f.skips,
+        cache_wait: f.cache_wait,
+        cache_hits: f.cache.hits,
+        cache_misses: f.cache.misses,
         ..Default::default()
-    });
+    }
 }
 
 /// The job's teacher cache as this trainer reads it (teachers' fingerprint from the
