@@ -25,6 +25,14 @@ fn duration(seconds: f64) -> String {
 }
 
 /// The status as a table for a terminal.
+fn or_dash(text: &str) -> &str {
+    if text.is_empty() {
+        "-"
+    } else {
+        text
+    }
+}
+
 pub fn table(s: &JobStatus) -> String {
     let mut out = String::new();
     let losses = s.losses.unwrap_or_default();
@@ -57,7 +65,7 @@ pub fn table(s: &JobStatus) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:>4}  {:<8} {:<16} {:>8} {:>8} {:>9}  host",
+        "\n{:>4}  {:<8} {:<16} {:>8} {:>8} {:>9}  host  metrics",
         "rank", "worker", "state", "step", "img/s", "heartbeat"
     );
     for r in &s.ranks {
@@ -68,13 +76,14 @@ pub fn table(s: &JobStatus) -> String {
         };
         let _ = writeln!(
             out,
-            "{rank:>4}  {:<8} {:<16} {:>8} {:>8.1} {:>8.1}s  {}",
+            "{rank:>4}  {:<8} {:<16} {:>8} {:>8.1} {:>8.1}s  {}  {}",
             r.worker_id,
             state_name(r.state),
             r.step,
             r.images_per_s,
             r.heartbeat_age,
-            r.host
+            r.host,
+            or_dash(&r.metrics_address)
         );
     }
     let p = s.teacher_progress.unwrap_or_default();
@@ -91,12 +100,13 @@ pub fn table(s: &JobStatus) -> String {
         };
         let _ = writeln!(
             out,
-            "  {:<8} {:<16} shard {shard:<6} {:>8.1} img/s  heartbeat {:.1}s  {}",
+            "  {:<8} {:<16} shard {shard:<6} {:>8.1} img/s  heartbeat {:.1}s  {}  metrics {}",
             t.worker_id,
             state_name(t.state),
             t.images_per_s,
             t.heartbeat_age,
-            t.host
+            t.host,
+            or_dash(&t.metrics_address)
         );
     }
     match &s.last_checkpoint {
@@ -147,6 +157,7 @@ pub fn to_json(s: &JobStatus) -> Value {
             "heartbeat_age_s": r.heartbeat_age,
             "collective_seq": r.collective_seq,
             "losses": losses(r.losses),
+            "metrics_address": r.metrics_address,
         })).collect::<Vec<_>>(),
         "teachers": s.teachers.iter().map(|t| json!({
             "worker_id": t.worker_id,
@@ -155,6 +166,7 @@ pub fn to_json(s: &JobStatus) -> Value {
             "shard": (t.shard >= 0).then_some(t.shard),
             "images_per_s": t.images_per_s,
             "heartbeat_age_s": t.heartbeat_age,
+            "metrics_address": t.metrics_address,
         })).collect::<Vec<_>>(),
         "teacher_progress": {
             "shards_total": p.shards_total,
@@ -189,11 +201,13 @@ mod tests {
                 worker_id: "w1".into(),
                 state: WorkerState::Training as i32,
                 step: 5,
+                metrics_address: "127.0.0.1:9100".into(),
                 ..Default::default()
             }],
             ..Default::default()
         };
         let t = table(&s);
+        assert!(t.contains("127.0.0.1:9100"), "{t}");
         assert!(t.contains("phase TRAINING"), "{t}");
         assert!(t.contains("step 5/10"), "{t}");
         assert!(t.contains("w1") && t.contains("TRAINING"), "{t}");
@@ -201,5 +215,6 @@ mod tests {
         let j = to_json(&s);
         assert_eq!(j["phase"], "TRAINING");
         assert_eq!(j["ranks"][0]["state"], "TRAINING");
+        assert_eq!(j["ranks"][0]["metrics_address"], "127.0.0.1:9100");
     }
 }
