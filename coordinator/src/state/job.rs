@@ -592,9 +592,7 @@ impl JobState {
         for id in silent {
             out.extend(self.lose(&id, "heartbeat timeout", now)?);
         }
-        for (shard, worker) in self.teachers.expire(now) {
-            self.event(format!("lease of shard {shard} by {worker} expired"));
-        }
+        self.expire_leases(now);
         out.extend(self.try_form(now)?);
         Ok(out)
     }
@@ -1000,7 +998,17 @@ impl JobState {
         if !self.cfg.teacher_cache || self.is_finished() {
             return Ok(Acquired::AllDone);
         }
+        // Before the queue hands out a shard whose lease ran out between two ticks, so
+        // that its expiry is still recorded as an event.
+        self.expire_leases(now);
         Ok(self.teachers.acquire(worker_id, now))
+    }
+
+    /// Returns expired leases to the queue, one event each (who lost which shard).
+    fn expire_leases(&mut self, now: Instant) {
+        for (shard, worker) in self.teachers.expire(now) {
+            self.event(format!("lease of shard {shard} by {worker} expired"));
+        }
     }
 
     pub fn renew_lease(

@@ -291,3 +291,40 @@ fn a_replayed_journal_gives_the_same_decisions() {
     assert!(r.world().is_none());
     assert!(r.worker(&a).is_some());
 }
+
+#[test]
+fn a_lease_that_expired_between_ticks_is_reissued_with_its_expiry_recorded() {
+    let t0 = Instant::now();
+    let mut s = state(t0);
+    let mut teacher = || {
+        s.register(
+            &RegisterRequest {
+                protocol_version: proto::PROTOCOL_VERSION,
+                role: Role::Teacher as i32,
+                host: "h".into(),
+                devices: vec!["cpu".into()],
+                rank_hint: -1,
+                ..Default::default()
+            },
+            t0,
+        )
+        .unwrap()
+        .worker_id
+    };
+    let (a, b) = (teacher(), teacher());
+    let Acquired::Lease(first) = s.acquire_shard(&a, t0).unwrap() else {
+        panic!("a gets a lease");
+    };
+    // No tick runs between the expiry (30 s lease) and b's acquire.
+    let later = t0 + Duration::from_secs(31);
+    let Acquired::Lease(second) = s.acquire_shard(&b, later).unwrap() else {
+        panic!("b gets a lease");
+    };
+    assert_eq!(
+        second.shard, first.shard,
+        "the expired shard goes out first"
+    );
+    let events = s.status(later).recent_events;
+    let expired = format!("lease of shard {} by {a} expired", first.shard);
+    assert!(events.iter().any(|e| e.ends_with(&expired)), "{events:?}");
+}
