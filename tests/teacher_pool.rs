@@ -24,9 +24,11 @@ use sha2::{Digest, Sha256};
 
 const TOKEN: &str = "e2e-teacher-pool-token";
 
-/// Generous: these machines are shared by parallel builds. Every wait ends as soon as its
-/// condition holds.
-const DEADLINE: Duration = Duration::from_secs(180);
+/// Generous: these machines are shared by parallel builds (and swap while those link).
+/// Every wait ends as soon as its condition holds.
+const DEADLINE: Duration = Duration::from_secs(300);
+/// For a whole training job, as tests/coordinator_restart.rs allows.
+const JOB_DEADLINE: Duration = Duration::from_secs(600);
 
 /// Every process a test started; all of them are SIGKILLed when the test ends, however
 /// it ends.
@@ -158,9 +160,9 @@ fn read_log(dir: &Path, log: &str) -> String {
     std::fs::read_to_string(dir.join(log)).unwrap_or_default()
 }
 
-/// Polls `done` every 200 ms until it holds (true) or [`DEADLINE`] passes (false).
-fn poll_until(mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + DEADLINE;
+/// Polls `done` every 200 ms until it holds (true) or `limit` passes (false).
+fn poll_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
     while !done() {
         if Instant::now() >= deadline {
             return false;
@@ -171,13 +173,13 @@ fn poll_until(mut done: impl FnMut() -> bool) -> bool {
 }
 
 fn wait_until(what: &str, done: impl FnMut() -> bool) {
-    assert!(poll_until(done), "timed out waiting for {what}");
+    assert!(poll_until(DEADLINE, done), "timed out waiting for {what}");
 }
 
-/// The child's exit status; `None` if it is still running at the deadline.
-fn wait_exit(child: &mut Child) -> Option<ExitStatus> {
+/// The child's exit status; `None` if it is still running after `limit`.
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let mut status = None;
-    poll_until(|| {
+    poll_until(limit, || {
         status = child.try_wait().expect("poll a child");
         status.is_some()
     });
@@ -298,14 +300,15 @@ fn size_of(file: &Path) -> u64 {
 fn a_teacher_killed_mid_shard_leaves_nothing_visible_and_another_completes_the_shard() {
     let dir = tempfile::tempdir().unwrap();
     let mut procs = Processes::default();
-    // One shard of 16 images (several seconds of teacher work), leases of 3 s.
+    // One shard of 32 images (seconds of teacher work, also on an idle machine: the kill
+    // must land before the last record), leases of 3 s.
     let coordinator = Coordinator::serve(
         &mut procs,
         dir.path(),
         &[
             "job.run_dir=\"run\"",
-            "data.synthetic_images=16",
-            "data.shard_size=16",
+            "data.synthetic_images=32",
+            "data.shard_size=32",
             "teachers.lease_s=3",
         ],
     );
@@ -330,12 +333,14 @@ fn a_teacher_killed_mid_shard_leaves_nothing_visible_and_another_completes_the_s
             "teacher A finished before the kill; make its shard larger\n{}",
             read_log(dir.path(), "teacher-a.log")
         );
-        let leased = coordinator.status().is_some_and(|s| {
-            s["teachers"]
-                .as_array()
-                .is_some_and(|t| t.iter().any(|t| t["worker_id"] == "w1" && t["shard"] == 0))
-        });
-        leased && size_of(&a_temp) > 16
+        let leased = || {
+            coordinator.status().is_some_and(|s| {
+                s["teachers"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|t| t["worker_id"] == "w1" && t["shard"] == 0))
+            })
+        };
+        size_of(&a_temp) > 16 && leased()
     });
     procs.get(a).kill().expect("SIGKILL teacher A");
     procs.get(a).wait().expect("reap teacher A");
@@ -369,7 +374,7 @@ fn a_teacher_killed_mid_shard_leaves_nothing_visible_and_another_completes_the_s
         b_log.contains("registered") && b_log.contains(" as w2 "),
         "{b_log}"
     );
-    assert!(b_log.contains("shard 0 done: 16 images"), "{b_log}");
+    assert!(b_log.contains("shard 0 done: 32 images"), "{b_log}");
     assert!(
         coordinator.has_line(&["lease of shard 0 by w1 expired"]),
         "the coordinator should re-issue A's shard after its lease expired:\n{}",
@@ -385,7 +390,7 @@ fn a_teacher_killed_mid_shard_leaves_nothing_visible_and_another_completes_the_s
     assert_eq!(names(&cache), [proto::cache::shard_file_name(0)]);
     let bytes = std::fs::read(&final_file).unwrap();
     assert!(bytes.len() as u64 > partial);
-    verify_shard(&bytes, 0, 0..16).unwrap_or_else(|e| panic!("B's shard: {e}"));
+    verify_shard(&bytes, 0, 0..32).unwrap_or_else(|e| panic!("B's shard: {e}"));
     let journal = journal(&run);
     let done = records(&journal, "shard_done", 0);
     assert_eq!(done.len(), 1, "one completion, by B: {journal:?}");
@@ -456,7 +461,7 @@ fn a_flipped_byte_is_reported_recomputed_and_training_completes() {
         ),
     ];
     // `serve` exits once the job is over.
-    let status = wait_exit(procs.get(coordinator.at));
+    let status = wait_exit(procs.get(coordinator.at), JOB_DEADLINE);
     let logs = ["trainer-0.log", "trainer-1.log", "teacher.log"]
         .map(|l| format!("--- {l}\n{}", read_log(dir.path(), l)))
         .join("\n");
@@ -466,7 +471,7 @@ fn a_flipped_byte_is_reported_recomputed_and_training_completes() {
         coordinator.lines()
     );
     for at in trainers.into_iter().chain([teacher]) {
-        let status = wait_exit(procs.get(at));
+        let status = wait_exit(procs.get(at), DEADLINE);
         assert!(status.is_some_and(|s| s.success()), "{status:?}\n{logs}");
     }
 
