@@ -276,6 +276,55 @@ fn a_flipped_byte_in_a_record_is_reported_with_shard_and_image() {
     assert!(store.targets(&[other.unwrap().record], Device::Cpu).is_ok());
 }
 
+/// A trainer that mapped a shard before a teacher recomputed it (another trainer found
+/// a bad record) must read the new file, not report the old one's damage again.
+#[test]
+fn a_store_rereads_a_shard_recomputed_since_it_opened_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = job(dir.path(), &[set("teachers.compression", "int8")]);
+    let (file, models) = write_shard_0(&spec);
+    let cache_dir = file.parent().unwrap().to_path_buf();
+    let store = CacheStore::open(
+        &cache_dir,
+        &models.fingerprint(),
+        Shards::new(12, 6).unwrap(),
+    );
+    let entry = store.reader(0).unwrap().header.records[1].clone();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[(entry.blob.offset + entry.blob.len / 2) as usize] ^= 0x01;
+    // In place, before the store maps it again: the damage is in the mapped file.
+    store.reopen(0);
+    std::fs::write(&file, &bytes).unwrap();
+    let source = job_source(&spec).unwrap();
+    let plan = CropPlan {
+        seed: 5,
+        max_crops: spec.data.max_crops,
+    };
+    let sample = prepare_cached(
+        &source.read(1).unwrap(),
+        1,
+        0,
+        &plan,
+        Resolutions::of_job(&spec),
+    )
+    .unwrap();
+    let read =
+        |store: &CacheStore| store.targets(std::slice::from_ref(&sample.record), Device::Cpu);
+    assert!(matches!(
+        read(&store),
+        Err(CacheError::Corrupt { shard: 0, .. })
+    ));
+    assert!(
+        !store.reopen_if_replaced(0),
+        "the mapped file is still in place"
+    );
+
+    write_shard_0(&spec);
+    assert!(store.reopen_if_replaced(0), "a recomputed file replaced it");
+    assert!(!store.reopen_if_replaced(0), "nothing open any more");
+    assert!(read(&store).is_ok());
+}
+
 #[test]
 fn a_shard_of_other_teachers_is_refused_as_stale() {
     let dir = tempfile::tempdir().unwrap();

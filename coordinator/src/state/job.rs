@@ -548,14 +548,33 @@ impl JobState {
             w.session = None;
         }
         let mut out = vec![Outgoing::Close(worker_id.to_string())];
-        let Some(world) = self.world.clone() else {
-            self.event(format!("{worker_id} detached: {reason}"));
-            return Ok(out);
-        };
-        if world.rank_of(worker_id).is_none() || self.is_finished() {
+        if self.member_of_live_world(worker_id).is_none() {
             self.event(format!("{worker_id} detached: {reason}"));
             return Ok(out);
         }
+        out.extend(self.leave_generation(worker_id, reason, now)?);
+        Ok(out)
+    }
+
+    /// The current world while the job runs, if `worker_id` is one of its members.
+    fn member_of_live_world(&self, worker_id: &str) -> Option<World> {
+        let world = self.world.as_ref()?;
+        (world.rank_of(worker_id).is_some() && !self.is_finished()).then(|| world.clone())
+    }
+
+    /// `worker_id`, a member of the current generation, is out of it (lost, failed, or
+    /// back to IDLE on its own): journaled, the other members are told to abort, and the
+    /// job recovers with a new generation (or stops, during a drain).
+    fn leave_generation(
+        &mut self,
+        worker_id: &str,
+        reason: &str,
+        now: Instant,
+    ) -> Result<Vec<Outgoing>> {
+        let Some(world) = self.member_of_live_world(worker_id) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
         self.decide(Record::Lost {
             generation: world.generation,
             worker_id: worker_id.to_string(),
@@ -594,9 +613,7 @@ impl JobState {
         for id in silent {
             out.extend(self.lose(&id, "heartbeat timeout", now)?);
         }
-        for (shard, worker) in self.teachers.expire(now) {
-            self.event(format!("lease of shard {shard} by {worker} expired"));
-        }
+        self.expire_leases(now);
         out.extend(self.try_form(now)?);
         Ok(out)
     }
@@ -730,6 +747,7 @@ impl JobState {
         }
         let role = w.role;
         self.check_generation(worker_id, role, &report)?;
+        let left = role == Role::Trainer && self.went_idle_in_world(worker_id, &w.report, &report);
         if let Some(w) = self.workers.get_mut(worker_id) {
             w.last_seen = now;
             // A worker learns its /metrics address after registering (see declip.proto).
@@ -739,11 +757,33 @@ impl JobState {
             w.report = report.clone();
         }
         let mut out = Vec::new();
-        if role == Role::Trainer {
+        if left {
+            let reason = "back to IDLE: its generation ended on its side (a failed collective)";
+            out.extend(self.leave_generation(worker_id, reason, now)?);
+        } else if role == Role::Trainer {
             out.extend(self.trainer_report(worker_id, &report, now)?);
         }
         out.extend(self.try_form(now)?);
         Ok(out)
+    }
+
+    /// Whether a member that had reported in the current generation now reports IDLE: it
+    /// left the generation by itself (a collective failed or timed out on its side, e.g.
+    /// while a peer waited for a recomputed cache shard), and no process was lost that
+    /// would tell. Reports arrive in order, so an IDLE sent before it joined cannot
+    /// follow its first report of the generation.
+    fn went_idle_in_world(
+        &self,
+        worker_id: &str,
+        before: &WorkerReport,
+        now: &WorkerReport,
+    ) -> bool {
+        let Some(world) = self.member_of_live_world(worker_id) else {
+            return false;
+        };
+        before.generation == world.generation
+            && before.state != WorkerState::Idle as i32
+            && now.state == WorkerState::Idle as i32
     }
 
     fn check_generation(&self, worker_id: &str, role: Role, r: &WorkerReport) -> Result<()> {
@@ -1006,7 +1046,17 @@ impl JobState {
         if !self.cfg.teacher_cache || self.is_finished() {
             return Ok(Acquired::AllDone);
         }
+        // Before the queue hands out a shard whose lease ran out between two ticks, so
+        // that its expiry is still recorded as an event.
+        self.expire_leases(now);
         Ok(self.teachers.acquire(worker_id, now))
+    }
+
+    /// Returns expired leases to the queue, one event each (who lost which shard).
+    fn expire_leases(&mut self, now: Instant) {
+        for (shard, worker) in self.teachers.expire(now) {
+            self.event(format!("lease of shard {shard} by {worker} expired"));
+        }
     }
 
     pub fn renew_lease(

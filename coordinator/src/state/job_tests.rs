@@ -291,3 +291,93 @@ fn a_replayed_journal_gives_the_same_decisions() {
     assert!(r.world().is_none());
     assert!(r.worker(&a).is_some());
 }
+
+#[test]
+fn a_lease_that_expired_between_ticks_is_reissued_with_its_expiry_recorded() {
+    let t0 = Instant::now();
+    let mut s = state(t0);
+    let mut teacher = || {
+        s.register(
+            &RegisterRequest {
+                protocol_version: proto::PROTOCOL_VERSION,
+                role: Role::Teacher as i32,
+                host: "h".into(),
+                devices: vec!["cpu".into()],
+                rank_hint: -1,
+                ..Default::default()
+            },
+            t0,
+        )
+        .unwrap()
+        .worker_id
+    };
+    let (a, b) = (teacher(), teacher());
+    let Acquired::Lease(first) = s.acquire_shard(&a, t0).unwrap() else {
+        panic!("a gets a lease");
+    };
+    // No tick runs between the expiry (30 s lease) and b's acquire.
+    let later = t0 + Duration::from_secs(31);
+    let Acquired::Lease(second) = s.acquire_shard(&b, later).unwrap() else {
+        panic!("b gets a lease");
+    };
+    assert_eq!(
+        second.shard, first.shard,
+        "the expired shard goes out first"
+    );
+    let events = s.status(later).recent_events;
+    let expired = format!("lease of shard {} by {a} expired", first.shard);
+    assert!(events.iter().any(|e| e.ends_with(&expired)), "{events:?}");
+}
+
+/// A collective that fails on the trainers' side (a ring timeout while a peer waited for
+/// a recomputed cache shard) loses no process: the members come back IDLE on their own.
+#[test]
+fn a_member_back_to_idle_on_its_own_ends_the_generation_and_a_new_one_forms() {
+    let t0 = Instant::now();
+    let mut s = state(t0);
+    let (a, sa) = trainer(&mut s, 7001, t0);
+    let (b, sb) = trainer(&mut s, 7002, t0);
+    s.report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    let out = s
+        .report(&b, sb, report(&b, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    assert_eq!(joins(&out).len(), 2);
+    // The IDLE that may still be in flight when the group is sent changes nothing.
+    let out = s
+        .report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(s.phase(), JobPhase::Training);
+
+    s.report(&a, sa, report(&a, WorkerState::Training, 1, 2), t0)
+        .unwrap();
+    s.report(&b, sb, report(&b, WorkerState::WaitingForCache, 1, 2), t0)
+        .unwrap();
+    let out = s
+        .report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    assert!(out.contains(&Outgoing::Send(
+        b.clone(),
+        command(command::Kind::Abort(AbortGroup {
+            generation: 1,
+            reason: format!(
+                "{a} lost: back to IDLE: its generation ended on its side (a failed collective)"
+            )
+        }))
+    )));
+    assert!(
+        !out.contains(&Outgoing::Close(a.clone())),
+        "a is still attached"
+    );
+    assert!(s.worker(&a).unwrap().session.is_some());
+    assert_eq!(s.phase(), JobPhase::Recovering);
+
+    let out = s
+        .report(&b, sb, report(&b, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    let j = joins(&out);
+    assert_eq!(j.len(), 2, "both rejoin");
+    assert!(j.iter().all(|(_, join)| join.generation == 2));
+    assert_eq!(s.phase(), JobPhase::Training);
+}

@@ -262,6 +262,11 @@ impl Drop for ShardWriter {
 }
 
 /// Removes temporaries of `shard` left by processes of this host that no longer run.
+fn identity(meta: &fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
 fn remove_dead_temps(dir: &Path, shard: u32) {
     let prefix = temp_prefix(shard);
     let Ok(entries) = fs::read_dir(dir) else {
@@ -315,6 +320,9 @@ pub struct ShardReader {
     pub header: ShardHeader,
     map: Mmap,
     pca: Option<PcaBasis>,
+    /// (device, inode) of the mapped file: a recomputed shard is renamed over `file`, so
+    /// a different identity at that path means this mapping is of the replaced file.
+    identity: (u64, u64),
 }
 
 impl ShardReader {
@@ -334,6 +342,14 @@ impl ShardReader {
             file: file.clone(),
             source,
         })?;
+        let identity =
+            handle
+                .metadata()
+                .map(|m| identity(&m))
+                .map_err(|source| CacheError::Io {
+                    file: file.clone(),
+                    source,
+                })?;
         let bad = |detail: String| CacheError::BadFile {
             shard,
             file: file.clone(),
@@ -364,7 +380,14 @@ impl ShardReader {
             header,
             map,
             pca,
+            identity,
         })
+    }
+
+    /// Whether the file at this reader's path is still the one it mapped (false once a
+    /// teacher renamed a recomputed shard over it, or the file is gone).
+    pub fn is_current(&self) -> bool {
+        fs::metadata(&self.file).is_ok_and(|m| identity(&m) == self.identity)
     }
 
     /// The record at index position `index`, checksum verified, as stored.
@@ -620,6 +643,18 @@ impl CacheStore {
     /// (after a teacher recomputed it).
     pub fn reopen(&self, shard: u32) {
         self.lock().remove(&shard);
+    }
+
+    /// Forgets the open file of `shard` if another file has replaced it since it was
+    /// opened (a recomputation this trainer did not ask for); true when it did. A bad
+    /// record read from a replaced file says nothing about the file now in place.
+    pub fn reopen_if_replaced(&self, shard: u32) -> bool {
+        let mut open = self.lock();
+        let replaced = open.get(&shard).is_some_and(|r| !r.is_current());
+        if replaced {
+            open.remove(&shard);
+        }
+        replaced
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<ShardReader>>> {
