@@ -36,6 +36,8 @@ ln -s "$nccl" "$shim/libnccl.so"
 nvidia_libs=$(ls -d "$site"/nvidia/*/lib 2>/dev/null | paste -sd: -)
 export LD_LIBRARY_PATH="$site/torch/lib:$shim:$nvidia_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export DECLIP_BENCH_CONFIG="$PWD/configs/eva02-b16-coco.toml"
+# NCCL says why it fails (init, transport) instead of only returning an error code.
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # The sizes; smaller ones only to try the script's logic on a CPU machine.
 STEPS=${STEPS:-20} BATCH=${BATCH:-4} ALLREDUCE_MB=${ALLREDUCE_MB:-100}
 TEACHER_IMAGES=${TEACHER_IMAGES:-16}

@@ -307,8 +307,10 @@ fn summarise(
     let part = |f: fn(&StepReport) -> f64| median(reports[skip..].iter().map(f).collect());
     let images_per_s = (measured.len() * args.batch) as f64 / measured.iter().sum::<f64>();
     json!({"check": "training", "ok": true, "job": spec.job.name, "device": format!("{device:?}"),
-        "precision": format!("{:?} ({:?})", spec.train.precision,
-            Mode::resolve(spec.train.precision, device)),
+        "precision": match Mode::resolve(spec.train.precision, device) {
+            Ok(mode) => format!("{mode:?}"),
+            Err(e) => e,
+        },
         "student_resolution": spec.data.student_resolution, "batch": args.batch,
         "steps": times.len(), "measured_steps": measured.len(), "images_per_s": images_per_s,
         "median_step_s": median(measured.to_vec()), "forward_s": part(|r| r.forward_s),
