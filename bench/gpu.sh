@@ -9,7 +9,8 @@
 #      online teachers) with NCCL in the loop: images/s, time split, peak GPU memory
 #   3. teacher images/s: DINOv2-B/14-reg at 490 + the crop teacher at 224 on every
 #      epoch's crop plan, as `worker teach` computes a shard
-# Budget: at most 60 + 300 + 100 s of stage timeouts plus seconds of setup (< 8 min).
+# Budget: at most 60 + 270 + 90 s of stage timeouts plus seconds of setup (< 8 min).
+# dist/ is git-ignored: copy (carry) dist/gpu/ to the GPU machine with the checkout.
 # A failed stage does not stop the later ones; the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,9 +67,9 @@ stage() {
 }
 
 stage "1. CUDA through dlopen" 60 devices.txt "$BIN/worker" devices --device cuda
-stage "2. NCCL, all-reduce, B/16 training steps" 300 gpu.jsonl \
+stage "2. NCCL, all-reduce, B/16 training steps" 270 gpu.jsonl \
   "$BIN/gpu-bench" --full nccl train --steps "$STEPS" --batch "$BATCH" --allreduce-mb "$ALLREDUCE_MB"
-stage "3. teacher images/s" 100 teacher.jsonl \
+stage "3. teacher images/s" 90 teacher.jsonl \
   "$BIN/gpu-bench" --full teacher --teacher-images "$TEACHER_IMAGES"
 
 kill "$sampler" 2>/dev/null
