@@ -151,6 +151,10 @@ enum Command {
         timeout_s: f64,
         #[arg(long, default_value_t = 1024)]
         chunk_kib: usize,
+        /// After each ring round, time a plain TCP copy of the same bytes between the
+        /// same processes (the wire ceiling, for the ratio in BENCHMARKS.md).
+        #[arg(long)]
+        baseline: bool,
     },
     /// Scan the job's COCO dataset as training would read it (annotations, every file,
     /// decode, size check) without training. Prints every problem with its path and reason
@@ -324,6 +328,7 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
             rounds,
             timeout_s,
             chunk_kib,
+            baseline,
         } => {
             let timeout = std::time::Duration::try_from_secs_f64(timeout_s)
                 .context("--timeout-s must be a non-negative number of seconds")?;
@@ -335,6 +340,7 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
                 rounds,
                 timeout,
                 chunk_kib,
+                baseline,
             })?;
             Ok(ExitCode::SUCCESS)
         }

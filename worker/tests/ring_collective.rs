@@ -308,3 +308,47 @@ fn finish(child: &mut Child) -> std::process::Output {
         stderr,
     }
 }
+
+#[test]
+fn comm_bench_reports_the_ring_against_a_plain_copy_of_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |rank: usize| {
+        Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["comm-bench", "--rank", &rank.to_string(), "--world", "3"])
+            .arg("--rendezvous")
+            .arg(dir.path())
+            .args(["--sizes-mib", "1", "--rounds", "2", "--timeout-s", "30"])
+            .arg("--baseline")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn worker comm-bench")
+    };
+    let children: Vec<Child> = (0..3).map(spawn).collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait"))
+        .collect();
+    for (rank, out) in outputs.iter().enumerate() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "rank {rank}: {stderr}");
+    }
+    // Only rank 0 reports, with both medians (over the measured rounds) and their ratio.
+    let stdout = String::from_utf8_lossy(&outputs[0].stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no report in {stdout:?}"));
+    let report: serde_json::Value = serde_json::from_str(line).expect("json");
+    let number = |key: &str| {
+        report[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} in {line}"))
+    };
+    assert_eq!(number("world"), 3.0);
+    assert_eq!(number("rounds"), 2.0);
+    for key in ["copy_median_s", "copy_gb_s", "ring_over_copy"] {
+        let x = number(key);
+        assert!(x.is_finite() && x > 0.0, "{key} in {line}");
+    }
+}
