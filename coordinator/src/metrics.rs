@@ -53,12 +53,13 @@ pub const AUTH_REASONS: [&str; 3] = [
     crate::auth::MALFORMED_TOKEN,
 ];
 
-/// The `reason` label of an aborted generation, from the free-text reason the state
-/// journals for a lost member.
+/// The `reason` label of an aborted generation, from the reason the state journals
+/// for a lost member (`state::job::LOST_*`).
 pub fn abort_reason(lost: &str) -> &'static str {
-    if lost.starts_with("heartbeat") {
+    use crate::state::job::{LOST_FAILED, LOST_HEARTBEAT, LOST_IDLE};
+    if lost == LOST_HEARTBEAT {
         "hang"
-    } else if lost.starts_with("reported failure") {
+    } else if lost.starts_with(LOST_FAILED) || lost == LOST_IDLE {
         "error"
     } else {
         "lost_member"
@@ -179,12 +180,12 @@ mod tests {
 
     #[test]
     fn lost_members_are_labelled_by_why_the_generation_ended() {
-        assert_eq!(abort_reason("heartbeat timeout"), "hang");
-        assert_eq!(
-            abort_reason("reported failure: ring peer 1 closed"),
-            "error"
-        );
-        assert_eq!(abort_reason("stream closed"), "lost_member");
+        use crate::state::job::{LOST_FAILED, LOST_HEARTBEAT, LOST_IDLE, LOST_STREAM};
+        assert_eq!(abort_reason(LOST_HEARTBEAT), "hang");
+        let failed = format!("{LOST_FAILED}ring peer 1 closed");
+        assert_eq!(abort_reason(&failed), "error");
+        assert_eq!(abort_reason(LOST_IDLE), "error");
+        assert_eq!(abort_reason(LOST_STREAM), "lost_member");
     }
 
     fn value(text: &str, prefix: &str) -> f64 {
@@ -219,8 +220,8 @@ mod tests {
         metrics::with_local_recorder(&recorder, || {
             export_zeros();
             Metrics::default().reject("unauthenticated_wrong_token");
-            generation_aborted("heartbeat timeout");
-            generation_aborted("heartbeat timeout");
+            generation_aborted(crate::state::job::LOST_HEARTBEAT);
+            generation_aborted(crate::state::job::LOST_HEARTBEAT);
             export_status(&status);
         });
         let text = handle.render();

@@ -128,6 +128,14 @@ fn refuse<T>(code: Code, reason: &'static str, message: impl Into<String>) -> Re
     Err(Refusal::new(code, reason, message).into())
 }
 
+/// Why a member left its generation (journaled with `Lost`; `metrics::abort_reason`
+/// labels them).
+pub const LOST_STREAM: &str = "stream closed";
+pub const LOST_HEARTBEAT: &str = "heartbeat timeout";
+/// Followed by the worker's error text.
+pub const LOST_FAILED: &str = "reported failure: ";
+pub const LOST_IDLE: &str = "back to IDLE: its generation ended on its side (a failed collective)";
+
 /// A registered worker and what it last reported.
 #[derive(Clone, Debug)]
 pub struct WorkerInfo {
@@ -537,7 +545,7 @@ impl JobState {
     /// The stream of `session` ended: the worker is lost (if that is still its stream).
     pub fn detach(&mut self, worker_id: &str, session: u64, now: Instant) -> Result<Vec<Outgoing>> {
         match self.workers.get(worker_id) {
-            Some(w) if w.session == Some(session) => self.lose(worker_id, "stream closed", now),
+            Some(w) if w.session == Some(session) => self.lose(worker_id, LOST_STREAM, now),
             _ => Ok(Vec::new()),
         }
     }
@@ -611,7 +619,7 @@ impl JobState {
             .collect();
         let mut out = Vec::new();
         for id in silent {
-            out.extend(self.lose(&id, "heartbeat timeout", now)?);
+            out.extend(self.lose(&id, LOST_HEARTBEAT, now)?);
         }
         self.expire_leases(now);
         out.extend(self.try_form(now)?);
@@ -758,8 +766,7 @@ impl JobState {
         }
         let mut out = Vec::new();
         if left {
-            let reason = "back to IDLE: its generation ended on its side (a failed collective)";
-            out.extend(self.leave_generation(worker_id, reason, now)?);
+            out.extend(self.leave_generation(worker_id, LOST_IDLE, now)?);
         } else if role == Role::Trainer {
             out.extend(self.trainer_report(worker_id, &report, now)?);
         }
@@ -837,7 +844,7 @@ impl JobState {
         self.max_step = self.max_step.max(r.step);
         let mut out = Vec::new();
         if r.state == WorkerState::Failed as i32 {
-            let reason = format!("reported failure: {}", r.error);
+            let reason = format!("{LOST_FAILED}{}", r.error);
             return self.lose(worker_id, &reason, now);
         }
         if rank == 0 && !world.nccl_id_sent && !r.nccl_unique_id.is_empty() {
