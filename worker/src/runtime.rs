@@ -116,6 +116,22 @@ pub fn select_device(request: DeviceRequest, info: &RuntimeInfo) -> Result<Devic
     }
 }
 
+/// libtorch has one random generator per process: two threads that seed it and draw
+/// from it at the same time interleave their draws, and a "seeded" initialisation is
+/// then not reproducible (seen with test threads building models side by side).
+static SEEDED_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `draw` with libtorch's generator seeded to `seed`, no other seeded draw of this
+/// process in between: the same seed gives the same values whatever other threads do
+/// through this function.
+pub fn with_seed<T>(seed: u64, draw: impl FnOnce() -> T) -> T {
+    let _only_us = SEEDED_RNG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(seed as i64);
+    draw()
+}
+
 /// This process's resident memory in bytes (from `/proc/self/statm`; 0 where unreadable).
 pub fn resident_bytes() -> u64 {
     let Ok(text) = std::fs::read_to_string("/proc/self/statm") else {

@@ -137,10 +137,13 @@ fn fill<M>(
     tower: Tower,
     build: impl FnOnce(&nn::VarStore) -> M,
 ) -> Result<(nn::VarStore, M, WeightsSource), WeightsError> {
-    // Seed before declaring variables so a random init is reproducible.
-    tch::manual_seed(spec.init_seed as i64);
-    let mut vs = nn::VarStore::new(device);
-    let model = build(&vs);
+    // Variables draw their random init when declared: seeded, and alone, so a random
+    // init is reproducible.
+    let (mut vs, model) = crate::runtime::with_seed(spec.init_seed, || {
+        let vs = nn::VarStore::new(device);
+        let model = build(&vs);
+        (vs, model)
+    });
     let path = weights
         .map(Path::to_path_buf)
         .or_else(|| spec.weights.as_ref().map(PathBuf::from));

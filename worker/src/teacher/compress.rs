@@ -291,8 +291,9 @@ mod tests {
 
     fn features() -> Tensor {
         crate::runtime::init();
-        tch::manual_seed(3);
-        Tensor::randn([2, 16, 3, 4], (Kind::Float, Device::Cpu))
+        crate::runtime::with_seed(3, || {
+            Tensor::randn([2, 16, 3, 4], (Kind::Float, Device::Cpu))
+        })
     }
 
     #[test]
