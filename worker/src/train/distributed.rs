@@ -20,8 +20,7 @@ use proto::wire::{
 use tch::Device;
 
 use super::checkpoint;
-use super::export;
-use super::run::{self, CacheGate, RunError, StepFeed};
+use super::run::{self, CacheGate, ExportPoint, RunError, StepFeed};
 use super::trainer::{StepReport, TrainError, Trainer};
 use crate::comm::nccl::NcclCollective;
 use crate::comm::ring::{RingCollective, RingListener};
@@ -367,14 +366,7 @@ fn run_generation(
         if step >= total {
             if rank == 0 {
                 checkpoints.save(trainer, step, cursor, None)?;
-                let path = run_dir.join("exports").join("final.safetensors");
-                export::write_atomic(
-                    &path,
-                    &trainer
-                        .merged_export(spec.export.alpha)
-                        .map_err(RunError::from)?,
-                )
-                .map_err(RunError::from)?;
+                let path = run::write_export(trainer, spec, ExportPoint::Final)?;
                 tracing::info!("job done at step {step}: exported {}", path.display());
             }
             report_state(control, WorkerState::Done, generation, Some(step));
@@ -437,16 +429,7 @@ fn run_generation(
             );
         }
         if rank == 0 && cursor.step == 0 && step < total {
-            let path = run_dir
-                .join("exports")
-                .join(format!("epoch-{:04}.safetensors", cursor.epoch));
-            export::write_atomic(
-                &path,
-                &trainer
-                    .merged_export(spec.export.alpha)
-                    .map_err(RunError::from)?,
-            )
-            .map_err(RunError::from)?;
+            run::write_export(trainer, spec, ExportPoint::EpochEnd(cursor.epoch))?;
         }
         if rank == 0 && pending.checkpoint_at.is_some_and(|at| step >= at) {
             pending.checkpoint_at = None;

@@ -236,10 +236,7 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
         }
         if cursor.step == 0 {
             // An epoch just ended: save its merged weights (method spec §6).
-            let path = run_dir
-                .join("exports")
-                .join(format!("epoch-{:04}.safetensors", cursor.epoch));
-            export::write_atomic(&path, &trainer.merged_export(spec.export.alpha)?)?;
+            let path = write_export(&trainer, spec, ExportPoint::EpochEnd(cursor.epoch))?;
             tracing::info!("epoch {} done: exported {}", cursor.epoch, path.display());
             summary.exports.push(path);
         }
@@ -250,9 +247,9 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
             &trainer, spec, &ckpt_root, step, cursor, total, last_loss,
         )?);
     }
-    let final_export = run_dir.join("exports").join("final.safetensors");
-    export::write_atomic(&final_export, &trainer.merged_export(spec.export.alpha)?)?;
-    summary.exports.push(final_export);
+    summary
+        .exports
+        .push(write_export(&trainer, spec, ExportPoint::Final)?);
     summary.final_step = step;
     summary.loop_wall = loop_started.elapsed();
     summary.wall = started.elapsed();
@@ -355,10 +352,8 @@ impl StepFeed {
                     return Ok(None);
                 };
                 let (cursor, images, samples) = unpack(loaded)?;
-                let counts = GlobalCounts {
-                    crops: samples.iter().map(|s| s.grid_boxes.len() as i64).sum(),
-                    rows: samples.len() as i64 * rows_per_image,
-                };
+                let counts =
+                    local_counts(samples.iter().map(|s| s.grid_boxes.len()), rows_per_image);
                 let mut out = Vec::new();
                 for part in split(samples, micro) {
                     let batch = sample::collate(part)?;
@@ -376,10 +371,8 @@ impl StepFeed {
                     return Ok(None);
                 };
                 let (cursor, images, samples) = unpack(loaded)?;
-                let counts = GlobalCounts {
-                    crops: samples.iter().map(|s| s.grid_boxes.len() as i64).sum(),
-                    rows: samples.len() as i64 * rows_per_image,
-                };
+                let counts =
+                    local_counts(samples.iter().map(|s| s.grid_boxes.len()), rows_per_image);
                 let indices: Vec<u32> = samples.iter().map(|s| s.record.index).collect();
                 gate.ready(store, &store.shards_needed(&indices)?)?;
                 let mut out = Vec::new();
@@ -430,6 +423,20 @@ pub fn micro_batch_size(spec: &JobSpec, world: usize) -> usize {
     spec.train.micro_batch_size.unwrap_or(share).clamp(1, share)
 }
 
+/// This rank's share of a step's loss denominators: crops with a box (content loss) and
+/// affinity rows (context loss), one entry of `boxes_per_image` per image.
+fn local_counts(boxes_per_image: impl Iterator<Item = usize>, rows_per_image: i64) -> GlobalCounts {
+    let (mut crops, mut images) = (0i64, 0i64);
+    for boxes in boxes_per_image {
+        crops += boxes as i64;
+        images += 1;
+    }
+    GlobalCounts {
+        crops,
+        rows: images * rows_per_image,
+    }
+}
+
 fn unpack<T>(loaded: LoadedBatch<T>) -> Result<(Cursor, u64, Vec<T>), RunError> {
     let cursor = loaded.cursor;
     let images = loaded.indices.len() as u64;
@@ -456,6 +463,30 @@ fn log_step(step: u64, total: u64, cursor: Cursor, r: &StepReport, images_per_s:
         r.lr,
         images_per_s
     );
+}
+
+/// Which merged-weights export to write (method spec §6): after an epoch, or the last.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ExportPoint {
+    /// The epoch that just ended.
+    EpochEnd(u32),
+    Final,
+}
+
+/// Writes `alpha·student + (1−alpha)·original` to `run_dir/exports/` (atomically) and
+/// returns the file.
+pub(crate) fn write_export(
+    trainer: &Trainer,
+    spec: &JobSpec,
+    point: ExportPoint,
+) -> Result<PathBuf, RunError> {
+    let name = match point {
+        ExportPoint::EpochEnd(epoch) => format!("epoch-{epoch:04}.safetensors"),
+        ExportPoint::Final => "final.safetensors".to_string(),
+    };
+    let path = PathBuf::from(&spec.job.run_dir).join("exports").join(name);
+    export::write_atomic(&path, &trainer.merged_export(spec.export.alpha)?)?;
+    Ok(path)
 }
 
 pub(crate) fn save(
