@@ -10,25 +10,13 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::repo_root;
+use common::{prometheus, repo_root};
 use proto::metrics::{MetricKind, CATALOG};
 
 /// `promtool`, or `None` (with a message) on a developer machine without it. In CI
 /// (`CI` set) a missing promtool fails the test: scripts/test installs it.
 fn promtool() -> Option<Command> {
-    let found = Command::new("promtool")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return Some(Command::new("promtool"));
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "promtool is missing in CI: scripts/test runs scripts/setup-prometheus first"
-    );
-    eprintln!("SKIPPED: promtool not installed (run scripts/setup-prometheus)");
-    None
+    prometheus::installed("promtool").then(|| Command::new("promtool"))
 }
 
 fn run_ok(mut cmd: Command, what: &str) -> String {
