@@ -15,6 +15,14 @@ use worker::model::eva::EvaVision;
 use worker::model::openai_clip::{ClipText, ClipVision, TextConfig};
 use worker::model::weights::{self, Tower};
 
+/// Forward passes only, fp32, on the reference's weights and inputs: ours and PyTorch's
+/// differ in summation order alone (GEMM blocking picked by the CPU's vector width,
+/// softmax and LayerNorm reductions). A reassociated reduction of K terms errs by ≈ √K·u
+/// (u = 2^-24; worst case K·u) of its scale: K ≤ 256 here (the longest dot products:
+/// 197–401 tokens in attention, 192 hidden units), so ≈ 1e-6 per layer, adding up over
+/// the ≤ 3 blocks and heads of the tiny fixtures to a few 1e-6. Measured: ≤ 1.5e-6 on an
+/// Intel Xeon with AVX-512, ≤ 1.2e-6 on an AMD EPYC with AVX2 (docs/numeric-bounds.md).
+/// A wrong operation (a missed scale, a RoPE angle, another interpolation) errs by ≥ 1e-3.
 const TOL: f64 = 1e-5;
 
 fn eva_from(file: &str, layout: WeightsLayout, io: &Fixture) -> (nn::VarStore, EvaVision) {

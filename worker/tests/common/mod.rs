@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod adamw_bound;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
