@@ -37,7 +37,7 @@ fn every_shipped_config_is_valid_once_the_user_sets_the_data_root() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let student = loaded.spec.model.student.arch();
         let vfm = loaded.spec.model.vfm.arch();
-        // Method spec §1: student and VFM grids agree (35x35 for B, 40x40 for L).
+        // docs/method.md §1: student and VFM grids agree (35x35 for B, 40x40 for L).
         assert_eq!(
             loaded.spec.data.student_resolution / student.patch_size,
             loaded.spec.data.vfm_resolution / vfm.patch_size,

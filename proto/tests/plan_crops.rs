@@ -1,4 +1,4 @@
-//! The crop plan (method spec §3): layouts, tiling, expected counts, box mappings and
+//! The crop plan (docs/method.md §3): layouts, tiling, expected counts, box mappings and
 //! the pinned contract.
 //!
 //! The written-out plans and the pinned hash were computed with an independent Python

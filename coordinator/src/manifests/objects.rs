@@ -15,7 +15,8 @@ const TOKEN_KEY: &str = "token";
 /// The annotation an Indexed Job puts on each pod: its completion index, the rank hint.
 const COMPLETION_INDEX_ANNOTATION: &str = "batch.kubernetes.io/job-completion-index";
 const GPU_RESOURCE: &str = "nvidia.com/gpu";
-/// Trainers drain on SIGTERM (agree a stop step, checkpoint, exit): give them time.
+/// Grace before SIGKILL. Trainers handle no SIGTERM yet (a drain on it is planned,
+/// docs/kubernetes.md); the time is rendered now so that manifests need not change then.
 const TRAINER_GRACE_S: u64 = 300;
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! The crop plan (method spec §3): which crops of an image the content loss uses in
+//! The crop plan (docs/method.md §3): which crops of an image the content loss uses in
 //! an epoch.
 //!
 //! For each `(seed, epoch, image id)` one of the 24 [`LAYOUTS`] is picked uniformly;
@@ -292,7 +292,7 @@ impl CropPlan {
 /// feature grid.
 ///
 /// The student image is the original resized so its longer side is `canvas` pixels,
-/// padded right and bottom to `canvas × canvas` (method spec §2). So a point maps by
+/// padded right and bottom to `canvas × canvas` (docs/method.md §2). So a point maps by
 /// one scale, `scale = canvas / max(w, h)` (canvas pixels per image pixel), with no
 /// offset; the feature grid (`grid × grid` patches over the canvas) is a further
 /// `grid / canvas` patches per canvas pixel. The student's RoI boxes keep these

@@ -3,7 +3,7 @@
 //!
 //! - [`rng`]: the generator every plan draws from (SplitMix64-based, owned here so no
 //!   dependency update can change a plan).
-//! - [`crops`]: the crop plan (method spec §3) and its box mappings.
+//! - [`crops`]: the crop plan (docs/method.md §3) and its box mappings.
 //! - [`order`]: shards, epoch order, global steps, rank slices and the resume cursor.
 
 pub mod crops;

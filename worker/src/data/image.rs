@@ -8,7 +8,7 @@
 //! | [`open`], [`decode`] | `Image.open(p).convert("RGB")` (no EXIF rotation) |
 //! | [`resize`], [`ResizePlan`] | `Image.resize((w, h), Image.BICUBIC)` (`reducing_gap=None`) |
 //! | [`crop`] | `Image.crop(box)` |
-//! | [`letterbox`] | `resize` + `paste` onto a black square (method spec §2) |
+//! | [`letterbox`] | `resize` + `paste` onto a black square (docs/method.md §2) |
 //!
 //! Pixels are `u8` RGB, row-major, channels last (HWC) in [`RgbImage`] and channels first
 //! (CHW) in [`Letterboxed`], which is what the model input is built from (see
@@ -681,7 +681,7 @@ fn clip8(v: i32) -> u8 {
 /// Measured (release build, this 2-core machine, fast_image_resize 5 `CatmullRom` with AVX2,
 /// against this code): astronaut 512² → 560²: max |Δ| vs Pillow 8 on 13 % of the values in
 /// 1.3 ms, against 0 in 6–9 ms; rocket 640×427 → 560×374: 5 on 8 % in 1.2 ms, against 0 in
-/// 5 ms. The method spec makes Pillow parity a test, so parity wins; a few ms per image is
+/// 5 ms. docs/method.md §2 makes Pillow parity a test, so parity wins; a few ms per image is
 /// small next to a model step, and loader threads run in parallel.
 #[derive(Clone, Debug)]
 pub struct ResizePlan {
@@ -999,7 +999,7 @@ pub fn letterbox_size(width: u32, height: u32, size: u32) -> (u32, u32) {
     (side(width), side(height))
 }
 
-/// Method spec §2: longer side resized to `size` (Pillow bicubic), pasted on a black
+/// docs/method.md §2: longer side resized to `size` (Pillow bicubic), pasted on a black
 /// `size × size` canvas at `placement`. The image must not be empty.
 pub fn letterbox(
     img: &RgbImage,

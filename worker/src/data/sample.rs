@@ -1,4 +1,4 @@
-//! One training sample, prepared exactly as the method spec §2–3 says: the
+//! One training sample, prepared exactly as docs/method.md §2–3 says: the
 //! student and VFM letterboxes, and the crop plan of (seed, epoch, image id):
 //! RoI boxes on the student's feature grid and the teacher's crops.
 //!
@@ -135,7 +135,7 @@ pub fn plan_boxes(
 }
 
 /// The teacher's crops of a plan: `[K,3,c,c]` CLIP-normalised, each cut from the
-/// original image at its whole-pixel box and letterboxed centred (method spec §2).
+/// original image at its whole-pixel box and letterboxed centred (docs/method.md §2).
 pub fn crop_inputs(
     img: &RgbImage,
     crops: &ImageCrops,

@@ -1,4 +1,4 @@
-//! The DeCLIP losses (method spec §3–4), kept as sums and counts.
+//! The DeCLIP losses (docs/method.md §3–4), kept as sums and counts.
 //!
 //! A mean is `sum / count`; keeping the two apart lets a data-parallel step
 //! divide by the *global* count (all valid crops, all affinity rows of every
@@ -86,7 +86,7 @@ pub fn context_loss(teacher_affinity: &Tensor, student_affinity: &Tensor) -> Los
 }
 
 /// Student context features [B,N,C] on `from` resized bilinearly to the VFM grid
-/// `to` (method spec §4; identity when the grids agree).
+/// `to` (docs/method.md §4; identity when the grids agree).
 pub fn context_on_grid(context: &Tensor, from: Grid, to: Grid) -> Tensor {
     if from == to {
         return context.shallow_clone();

@@ -1,6 +1,6 @@
 //! RoIAlign with output 1×1, `aligned=true` and adaptive sampling
-//! (`sampling_ratio=-1`), as `torchvision.ops.roi_align` computes it (method
-//! spec §3). libtorch has no RoIAlign; this builds it from a gather and an
+//! (`sampling_ratio=-1`), as `torchvision.ops.roi_align` computes it (docs/method.md
+//! §3). libtorch has no RoIAlign; this builds it from a gather and an
 //! index-add so autograd carries gradients to the feature map.
 //!
 //! Per box (coordinates × `spatial_scale`, shifted by −0.5): a grid of

@@ -1,4 +1,4 @@
-//! The student's decoupled last block (method spec §1.2).
+//! The student's decoupled last block (docs/method.md §1.2).
 //!
 //! Blocks 0..n-2 run normally. The last block runs without its residual and
 //! without its MLP: with X = LN1(x), Q = X Wqᵀ + bq, K = X Wkᵀ (+ bk), V = X Wvᵀ + bv,

@@ -3,7 +3,7 @@
 //! Pre-norm blocks with a fused qkv (with bias), exact-erf GELU MLP and, for
 //! DINOv2, LayerScale on both residual branches. Tokens are [CLS, registers,
 //! patches]; registers carry no position. The output used by DeCLIP is the last
-//! layer after the final norm, CLS and registers dropped (method spec §4).
+//! layer after the final norm, CLS and registers dropped (docs/method.md §4).
 //!
 //! Position tables are resized as each family's reference code does it: DINOv2
 //! reg models with antialiased bicubic to the target size (Meta's hub code sets

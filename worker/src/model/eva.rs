@@ -1,4 +1,4 @@
-//! EVA02-CLIP vision tower (method spec §1.1).
+//! EVA02-CLIP vision tower (docs/method.md §1.1).
 //!
 //! Pre-norm blocks `x += Attn(LN1 x)`, `x += SwiGLU(LN2 x)`. Attention has q and v
 //! biases but no k bias, 2-D RoPE on the patch tokens (CLS is not rotated) and a

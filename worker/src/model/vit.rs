@@ -81,7 +81,7 @@ impl PositionTable {
     }
 
     /// The patch part of `table` [1, M*M, D] resampled to `grid`: [1, N, D].
-    /// Cached per grid: the table is frozen (method spec §1.3).
+    /// Cached per grid: the table is frozen (docs/method.md §1.3).
     pub fn for_grid(&self, table: &Tensor, grid: Grid) -> Tensor {
         let mut cache = self.cache.lock().expect("position cache lock");
         if let Some(t) = cache.get(&grid) {

@@ -1,4 +1,4 @@
-//! The weight-space merge saved at epoch ends and at the end (method spec §6):
+//! The weight-space merge saved at epoch ends and at the end (docs/method.md §6):
 //! `θ = α·θ_student + (1−α)·θ_original` for every key (frozen ones included),
 //! computed in fp32 as `fl(α·s) + fl((1−α)·o)`, written in the original release's
 //! key layout (the `visual.` prefix of EVA-CLIP and open_clip checkpoints), so the

@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::params::FrozenRows;
 
-/// Hyperparameters (method spec §5).
+/// Hyperparameters (docs/method.md §5).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
     pub betas: (f64, f64),

@@ -1,4 +1,4 @@
-//! Which student parameters train (method spec §1.3), and their weight-decay group.
+//! Which student parameters train (docs/method.md §1.3), and their weight-decay group (§5).
 //!
 //! All blocks train except what the decoupled last block leaves unused: its MLP,
 //! LN2 and the projection its attention does not use (K in `qq` mode, Q in `kk`).
@@ -51,7 +51,7 @@ impl TrainableSplit {
         if self.is_frozen(name) {
             return ParamRole::Frozen;
         }
-        // Method spec §5: decay on tensors of >= 2 dims whose names hold none of these.
+        // docs/method.md §5: decay on tensors of >= 2 dims whose names hold none of these.
         let no_decay_name = ["bn", "ln", "bias", "logit_scale"]
             .iter()
             .any(|s| name.contains(s));

@@ -1,4 +1,4 @@
-//! Mixed precision (method spec §5): fp32 on CPU; on GPU autocast with bf16 by
+//! Mixed precision (docs/method.md §5): fp32 on CPU; on GPU autocast with bf16 by
 //! default, or fp16 with a dynamic loss scaler as the reference trains.
 
 use proto::job::Precision;

@@ -235,7 +235,7 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
             last_saved = step;
         }
         if cursor.step == 0 {
-            // An epoch just ended: save its merged weights (method spec §6).
+            // An epoch just ended: save its merged weights (docs/method.md §6).
             let path = write_export(&trainer, spec, ExportPoint::EpochEnd(cursor.epoch))?;
             tracing::info!("epoch {} done: exported {}", cursor.epoch, path.display());
             summary.exports.push(path);
@@ -465,7 +465,7 @@ fn log_step(step: u64, total: u64, cursor: Cursor, r: &StepReport, images_per_s:
     );
 }
 
-/// Which merged-weights export to write (method spec §6): after an epoch, or the last.
+/// Which merged-weights export to write (docs/method.md §6): after an epoch, or the last.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum ExportPoint {
     /// The epoch that just ended.
