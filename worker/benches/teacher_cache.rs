@@ -190,7 +190,7 @@ fn teacher_throughput() {
     for _ in 0..RUNS {
         let dir = tempfile::tempdir().expect("tempdir");
         let spec = demo_spec(dir.path(), &["teachers.compression=\"fp16\"".into()]);
-        let source = worker::train::run::job_source(&spec).expect("source");
+        let source = worker::data::job_source::job_source(&spec).expect("source");
         let models = TeacherModels::new(&spec, Device::Cpu).expect("teachers");
         let images = 16u32.min(source.image_count());
         let started = Instant::now();
@@ -225,7 +225,7 @@ fn step_times() {
     ];
     // Fill the cache once; each cache run gets a copy, so it only reads.
     let spec = demo_spec(cache_src.path(), &base);
-    let source = worker::train::run::job_source(&spec).expect("source");
+    let source = worker::data::job_source::job_source(&spec).expect("source");
     worker::train::run::prepare_cache(&spec, Device::Cpu, &source).expect("cache");
     for _ in 0..RUNS {
         for mode in ["online", "cache"] {

@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use commands::device::select;
 use proto::cli::{self, ConfigArgs, LogArgs, EXIT_CONFIG};
-use proto::job::{parse_device, DataSource};
+use proto::job::DataSource;
 use worker::runtime;
 
 /// Runs DeCLIP work on one device: trainer or teacher processes (as those land),
@@ -97,7 +98,7 @@ enum Command {
         /// An image (JPEG or PNG). Repeat for a batch; outputs keep this order.
         #[arg(long = "image", value_name = "FILE", required = true)]
         images: Vec<PathBuf>,
-        /// JSON list with one entry per --image, each a list of [x0, y0, x1, y1] boxes in
+        /// JSON list with one entry per --image, each a list of `[x0, y0, x1, y1]` boxes in
         /// original-image pixels. Crops and region outputs follow image-then-box order.
         #[arg(long, value_name = "FILE")]
         boxes: Option<PathBuf>,
@@ -408,10 +409,4 @@ impl RemoteArgs {
             metrics_listen: self.metrics_listen.clone(),
         }
     }
-}
-
-pub(crate) fn select(device: &str, info: &runtime::RuntimeInfo) -> anyhow::Result<tch::Device> {
-    let request = parse_device(device)
-        .with_context(|| format!("--device {device:?}: expected auto, cpu, cuda or cuda:N"))?;
-    Ok(runtime::select_device(request, info)?)
 }

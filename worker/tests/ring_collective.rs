@@ -12,6 +12,9 @@ use worker::comm::ring::{RingCollective, RingListener};
 use worker::comm::{Collective, CommError};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a test waits for something that should take a second before calling it a
+/// hang: generous, so a loaded 2-core machine cannot fail it.
+const HANG_DEADLINE: Duration = Duration::from_secs(120);
 
 fn listeners(world: usize) -> (Vec<RingListener>, Vec<String>) {
     let ls: Vec<RingListener> = (0..world)
@@ -164,7 +167,7 @@ fn abort_from_another_thread_unblocks_a_collective_promptly() {
             drop(ring);
         });
         let mut ring =
-            RingCollective::connect(&ls[0], 1, 0, &peers, Duration::from_secs(120)).expect("ring");
+            RingCollective::connect(&ls[0], 1, 0, &peers, Duration::from_secs(3600)).expect("ring");
         let handle = ring.abort_handle();
         let aborter = s.spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
@@ -175,9 +178,11 @@ fn abort_from_another_thread_unblocks_a_collective_promptly() {
         let err = ring.all_reduce_slice(&mut v).expect_err("aborted");
         let waited = started.elapsed();
         assert!(matches!(err, CommError::Aborted), "{err}");
+        // Only the abort can end it this side of the hour-long timeout; the deadline
+        // just catches a hang.
         assert!(
-            waited < Duration::from_secs(10),
-            "abort took {waited:?} (timeout was 120 s)"
+            waited < HANG_DEADLINE,
+            "abort took {waited:?} (timeout was 3600 s)"
         );
         assert!(
             matches!(ring.barrier(), Err(CommError::Aborted)),
@@ -206,7 +211,7 @@ fn a_stalled_peer_times_out() {
         let started = Instant::now();
         let err = ring.barrier().expect_err("no peer to answer");
         assert!(matches!(err, CommError::Timeout { peer: 1, .. }), "{err}");
-        assert!(started.elapsed() < timeout * 10);
+        assert!(started.elapsed() < HANG_DEADLINE, "the timeout never fired");
         tx.send(()).ok();
         idle.join().unwrap();
     });
@@ -277,8 +282,8 @@ fn killing_a_peer_mid_all_reduce_makes_the_others_fail_within_the_timeout() {
         BufReader::new(stdout).read_line(&mut line).expect("read");
         assert!(line.starts_with("ready"), "got {line:?}");
     }
-    // The ranks now all-reduce 64 MiB back to back: a kill lands inside one.
-    std::thread::sleep(Duration::from_millis(700));
+    // The ranks now all-reduce 64 MiB back to back: wherever the kill lands, the others
+    // are in, or about to enter, an all-reduce that needs rank 1.
     children[1].kill().expect("SIGKILL rank 1");
     let killed_at = Instant::now();
     children[1].wait().ok();
@@ -288,8 +293,9 @@ fn killing_a_peer_mid_all_reduce_makes_the_others_fail_within_the_timeout() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "rank {rank} must fail");
         assert!(stderr.contains("peer rank"), "rank {rank}: {stderr}");
+        // They fail after about `timeout_s`; the deadline only catches a hang.
         assert!(
-            waited < Duration::from_secs(timeout_s + 10),
+            waited < Duration::from_secs(timeout_s) + HANG_DEADLINE,
             "rank {rank} took {waited:?}"
         );
         eprintln!(

@@ -11,13 +11,14 @@ use proto::plan::crops::CropPlan;
 use proto::plan::order::Shards;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind};
+use worker::data::job_source::job_source;
 use worker::data::sample::{prepare_cached, Resolutions};
 use worker::data::source::ImageSource;
 use worker::teacher::cache::{CacheError, CacheStore, ShardReader};
 use worker::teacher::compress::Storage;
 use worker::teacher::models::TeacherModels;
 use worker::teacher::shard::write_shard;
-use worker::train::run::{job_source, run_standalone};
+use worker::train::run::run_standalone;
 
 /// A demo-like job small enough for 2 cores: 12 synthetic images in shards of 6, 4x4
 /// patch grids, 2 epochs of batch 2, 4 steps.

@@ -3,6 +3,7 @@
 
 pub mod comm_bench;
 pub mod data_check;
+pub mod device;
 pub mod export;
 pub mod inspect;
 pub mod remote;

@@ -93,7 +93,7 @@ pub fn train(
         .with_context(|| format!("binding the ring listener on {}", options.ring_listen))?;
     let requested = device.unwrap_or("auto");
     let (control, spec) = connect(addr, options, Role::Trainer, requested, listener.address())?;
-    let device = crate::select(device.unwrap_or(&spec.trainers.device), info)?;
+    let device = super::device::select(device.unwrap_or(&spec.trainers.device), info)?;
     let exit = distributed::run_trainer(&control, &spec, device, &listener)?;
     tracing::info!("trainer exits: {exit:?}");
     Ok(match exit {
@@ -109,7 +109,7 @@ pub fn teach(
 ) -> anyhow::Result<ExitCode> {
     let requested = device.unwrap_or("auto");
     let (control, spec) = connect(addr, options, Role::Teacher, requested, String::new())?;
-    let device = crate::select(device.unwrap_or(&spec.teachers.device), info)?;
+    let device = super::device::select(device.unwrap_or(&spec.teachers.device), info)?;
     worker::teacher::pool::run_teacher(&control, &spec, device)?;
     tracing::info!("teacher exits: the coordinator said stop");
     Ok(ExitCode::SUCCESS)

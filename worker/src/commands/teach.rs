@@ -35,7 +35,7 @@ pub fn teach_standalone(
     only: Option<Range<u32>>,
     device: Device,
 ) -> anyhow::Result<()> {
-    let source = worker::train::run::job_source(spec).context("opening the dataset")?;
+    let source = worker::data::job_source::job_source(spec).context("opening the dataset")?;
     let shards = Shards::new(source.image_count(), spec.data.shard_size as u32)
         .context("planning shards")?;
     let wanted = only.unwrap_or(0..shards.len());

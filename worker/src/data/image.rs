@@ -1239,7 +1239,7 @@ mod tests {
         }
     }
 
-    /// Hand-checked (and confirmed with Pillow 13): [0, 0, 255, 255] → 2 samples. Scale 2,
+    /// Hand-checked (and confirmed with Pillow 13): `[0, 0, 255, 255]` → 2 samples. Scale 2,
     /// support 4, output 0 centred at 1.0 sees inputs 0..3 at distances (−0.25, 0.25, 0.75,
     /// 1.25) → weights (0.8671875, 0.8671875, 0.2265625, −0.0703125) / 1.890625, so
     /// 255 · 0.15625 / 1.890625 = 21.07 → 21, and by symmetry 233.93 → 234.

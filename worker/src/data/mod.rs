@@ -10,7 +10,9 @@
 //! (with defects on demand) for the demo, tests and benchmarks.
 
 pub mod coco;
+pub mod error;
 pub mod image;
+pub mod job_source;
 pub mod loader;
 pub mod sample;
 pub mod skips;

@@ -6,13 +6,14 @@
 //! teacher pool and a trainer derive the same boxes.
 
 use proto::cache::ContentKey;
-use proto::plan::crops::{CanvasMap, CropBox, CropError, CropPlan, ImageCrops};
+use proto::plan::crops::{CanvasMap, CropBox, CropPlan, ImageCrops};
 use tch::Tensor;
 
-use super::image::{self, ImageError, Normalization, Placement, RgbImage};
+pub use super::error::SampleError;
+use super::image::{self, Normalization, Placement, RgbImage};
 use super::source::SourceImage;
 use super::tensor::batch;
-use crate::distill::roi_align::RoiBox;
+use crate::geometry::RoiBox;
 
 /// Input sizes of one job (pixels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,33 +38,17 @@ impl Resolutions {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SampleError {
-    #[error("image {image_id}: {source}")]
-    Image { image_id: u64, source: ImageError },
-    #[error("image {image_id}: {source}")]
-    Crop { image_id: u64, source: CropError },
-    #[error("cannot assemble a batch: {0}")]
-    Batch(String),
-    /// A bad image (missing, truncated, ...): skipped, never fatal on its own.
-    #[error("skipped {0}")]
-    Skipped(proto::dataset::SkippedImage),
-    /// More bad images than `data.max_skip_fraction` tolerates.
-    #[error(transparent)]
-    TooManySkips(#[from] super::skips::TooManySkips),
-}
-
 /// A prepared image: model inputs and its crops.
 #[derive(Debug)]
 pub struct Sample {
     pub image_id: u64,
-    /// [3,S,S] CLIP-normalised.
+    /// `[3,S,S]` CLIP-normalised.
     pub student_input: Tensor,
-    /// [3,V,V] ImageNet-normalised.
+    /// `[3,V,V]` ImageNet-normalised.
     pub vfm_input: Tensor,
     /// RoI boxes on the student grid (patch units), `batch` left 0.
     pub grid_boxes: Vec<RoiBox>,
-    /// [K,3,c,c] CLIP-normalised centred crops, one per grid box.
+    /// `[K,3,c,c]` CLIP-normalised centred crops, one per grid box.
     pub crop_inputs: Tensor,
 }
 
@@ -208,7 +193,7 @@ pub struct CacheRef {
 /// reference. No crop is cut and no VFM input is made (the teacher did that work).
 #[derive(Debug)]
 pub struct CachedSample {
-    /// [3,S,S] CLIP-normalised.
+    /// `[3,S,S]` CLIP-normalised.
     pub student_input: Tensor,
     /// RoI boxes on the student grid (patch units), `batch` left 0.
     pub grid_boxes: Vec<RoiBox>,
@@ -267,13 +252,13 @@ pub fn collate_cached(
 #[derive(Debug)]
 pub struct Batch {
     pub image_ids: Vec<u64>,
-    /// [B,3,S,S]
+    /// `[B,3,S,S]`
     pub student_inputs: Tensor,
-    /// [B,3,V,V]
+    /// `[B,3,V,V]`
     pub vfm_inputs: Tensor,
     /// All crops in image-then-box order; `batch` is the image's index in this batch.
     pub rois: Vec<RoiBox>,
-    /// [K,3,c,c], same order as `rois`; zero rows in cache mode.
+    /// `[K,3,c,c]`, same order as `rois`; zero rows in cache mode.
     pub crop_inputs: Tensor,
 }
 

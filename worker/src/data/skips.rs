@@ -25,29 +25,10 @@ use std::sync::{Mutex, PoisonError};
 
 use proto::dataset::{SkipCounts, SkippedImage};
 
+use super::error::SampleError;
+pub use super::error::TooManySkips;
 use super::image::RgbImage;
-use super::sample::SampleError;
-use crate::data::source::{ImageSource, SourceImage};
-
-/// The job must stop: more images were skipped than `data.max_skip_fraction` allows.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error(
-    "too many bad images: {skipped} of the {entries} images in the annotations were skipped \
-     ({counts}), more than data.max_skip_fraction = {max_fraction} allows ({limit}); the \
-     warnings above name each file and its reason (`worker data-check` lists them all). \
-     Fix or remove those files, or raise data.max_skip_fraction"
-)]
-pub struct TooManySkips {
-    /// Skipped images by reason.
-    pub counts: SkipCounts,
-    /// `counts.total()`.
-    pub skipped: u64,
-    /// Image entries in the annotations.
-    pub entries: u64,
-    /// The most skips tolerated: `⌊max_fraction × entries⌋`.
-    pub limit: u64,
-    pub max_fraction: f64,
-}
+use super::source::{ImageSource, SourceImage};
 
 /// What has been skipped so far.
 #[derive(Debug, Default)]

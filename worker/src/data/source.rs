@@ -4,8 +4,8 @@
 use proto::cache::ContentKey;
 use proto::dataset::SkipCounts;
 
+use super::error::SampleError;
 use super::image::RgbImage;
-use super::sample::SampleError;
 use super::synthetic;
 
 /// One image as read: the dataset id of the image actually read (after any skip

@@ -29,7 +29,7 @@ impl LossSum {
 pub struct LossTerms {
     /// Σ over valid crops of 1 − cos(s_k, t_k).
     pub content: LossSum,
-    /// Σ over affinity rows (b, m) of ‖T[b,m,:] − S[b,m,:]‖₂.
+    /// Σ over affinity rows (b, m) of ‖T`[b,m,:]` − S`[b,m,:]`‖₂.
     pub context: LossSum,
 }
 
@@ -58,8 +58,8 @@ impl LossTerms {
     }
 }
 
-/// Content term: student region embeddings [K,E] against the crop teacher's
-/// embeddings [K,E], both L2-normalised; K counts only valid crops.
+/// Content term: student region embeddings `[K,E]` against the crop teacher's
+/// embeddings `[K,E]`, both L2-normalised; K counts only valid crops.
 pub fn content_loss(student_regions: &Tensor, teacher_crops: &Tensor) -> LossSum {
     let k = student_regions.size()[0];
     let cos = (student_regions * teacher_crops.to_kind(student_regions.kind())).sum_dim_intlist(
@@ -73,8 +73,8 @@ pub fn content_loss(student_regions: &Tensor, teacher_crops: &Tensor) -> LossSum
     }
 }
 
-/// Context term: teacher affinity T [B,N,N] (cosines of VFM tokens) against the
-/// student's affinity S [B,N,N] of its context features.
+/// Context term: teacher affinity T `[B,N,N]` (cosines of VFM tokens) against the
+/// student's affinity S `[B,N,N]` of its context features.
 pub fn context_loss(teacher_affinity: &Tensor, student_affinity: &Tensor) -> LossSum {
     let (b, n, _) = teacher_affinity.size3().expect("[B,N,N]");
     let rows =
@@ -85,7 +85,7 @@ pub fn context_loss(teacher_affinity: &Tensor, student_affinity: &Tensor) -> Los
     }
 }
 
-/// Student context features [B,N,C] on `from` resized bilinearly to the VFM grid
+/// Student context features `[B,N,C]` on `from` resized bilinearly to the VFM grid
 /// `to` (docs/method.md §4; identity when the grids agree).
 pub fn context_on_grid(context: &Tensor, from: Grid, to: Grid) -> Tensor {
     if from == to {
@@ -100,7 +100,7 @@ pub fn context_on_grid(context: &Tensor, from: Grid, to: Grid) -> Tensor {
         .transpose(1, 2)
 }
 
-/// Affinity of VFM patch features [B,C,gh,gw]: cosine similarity of all token pairs.
+/// Affinity of VFM patch features `[B,C,gh,gw]`: cosine similarity of all token pairs.
 pub fn teacher_affinity(vfm_features: &Tensor) -> Tensor {
     affinity(&vfm_features.flatten(2, 3).transpose(1, 2))
 }

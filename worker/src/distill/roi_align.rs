@@ -11,16 +11,7 @@
 
 use tch::{Kind, Tensor};
 
-/// A region on the image of batch entry `batch`, in the map's input coordinates
-/// (multiplied by `spatial_scale` to reach map cells).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RoiBox {
-    pub batch: usize,
-    pub x0: f32,
-    pub y0: f32,
-    pub x1: f32,
-    pub y1: f32,
-}
+pub use crate::geometry::RoiBox;
 
 /// The gather plan of a set of boxes: for every bilinear tap, the flat cell index,
 /// its weight (already divided by the box's point count) and the box it feeds.
@@ -41,7 +32,7 @@ impl Taps {
     }
 }
 
-/// Region features [K,C] of `map` [B,C,H,W] for `boxes`, differentiable w.r.t. `map`.
+/// Region features `[K,C]` of `map` `[B,C,H,W]` for `boxes`, differentiable w.r.t. `map`.
 pub fn roi_align(map: &Tensor, boxes: &[RoiBox], spatial_scale: f32) -> Tensor {
     let (b, c, h, w) = map.size4().expect("feature map [B,C,H,W]");
     let taps = plan_taps(boxes, spatial_scale, h, w);

@@ -17,9 +17,9 @@ use crate::model::ModelError;
 /// What the frozen teachers say about a batch.
 #[derive(Debug)]
 pub struct Targets {
-    /// Crop teacher's L2-normalised embedding of every crop, [K,E] (RoI order).
+    /// Crop teacher's L2-normalised embedding of every crop, `[K,E]` (RoI order).
     pub crop_embeddings: Tensor,
-    /// VFM patch features after the final norm, [B,C,gh,gw].
+    /// VFM patch features after the final norm, `[B,C,gh,gw]`.
     pub vfm_features: Tensor,
 }
 
@@ -32,7 +32,7 @@ pub struct OnlineTeachers {
 }
 
 impl OnlineTeachers {
-    /// Targets for crops [K,3,c,c] and VFM inputs [B,3,V,V] (no gradients).
+    /// Targets for crops `[K,3,c,c]` and VFM inputs `[B,3,V,V]` (no gradients).
     pub fn targets(
         &self,
         crop_inputs: &Tensor,
@@ -59,14 +59,14 @@ pub struct StepConfig {
 pub struct StepOutputs {
     pub content_map: Tensor,
     pub context: Tensor,
-    /// L2-normalised RoIAlign features [K,E].
+    /// L2-normalised RoIAlign features `[K,E]`.
     pub roi_features: Tensor,
     pub affinity_teacher: Tensor,
     pub affinity_student: Tensor,
     pub terms: LossTerms,
 }
 
-/// Student forward and loss terms for `student_inputs` [B,3,S,S] and `rois` (on
+/// Student forward and loss terms for `student_inputs` `[B,3,S,S]` and `rois` (on
 /// the student grid, `batch` indexing the inputs), against `targets`.
 pub fn forward(
     student: &Student,

@@ -4,7 +4,7 @@
 //! without its MLP: with X = LN1(x), Q = X Wqᵀ + bq, K = X Wkᵀ (+ bk), V = X Wvᵀ + bv,
 //! no RoPE, per head A = softmax(Q Qᵀ) (no 1/√Dh by default, as the released
 //! training code), O = proj(inner_ln(concat_h A V)).
-//! - content map: O without CLS -> final norm -> head, as [B,E,gh,gw], not normalised;
+//! - content map: O without CLS -> final norm -> head, as `[B,E,gh,gw]`, not normalised;
 //! - context: Q of the patch tokens (CLS dropped), heads concatenated, bias included.
 
 use proto::job::arch::VitArch;
@@ -17,13 +17,13 @@ use super::ModelError;
 /// What a CLIP image tower exposes so its last block can be decoupled.
 pub trait DecoupledTower {
     fn arch(&self) -> &VitArch;
-    /// Tokens [B,1+N,D] entering the last block, and the patch grid.
+    /// Tokens `[B,1+N,D]` entering the last block, and the patch grid.
     fn tokens_before_last(&self, images: &Tensor) -> Result<(Tensor, Grid), ModelError>;
-    /// The last block's q, k, v [B,T,A] for tokens x (its LN1 applied here), no RoPE.
+    /// The last block's q, k, v `[B,T,A]` for tokens x (its LN1 applied here), no RoPE.
     fn last_block_qkv(&self, x: &Tensor) -> (Tensor, Tensor, Tensor);
-    /// Attention output with heads merged [B,T,A] -> block output [B,T,D].
+    /// Attention output with heads merged `[B,T,A]` -> block output `[B,T,D]`.
     fn last_block_output(&self, merged: &Tensor) -> Tensor;
-    /// Final norm and head: tokens [B,T,D] -> embeddings [B,T,E].
+    /// Final norm and head: tokens `[B,T,D]` -> embeddings `[B,T,E]`.
     fn project(&self, tokens: &Tensor) -> Tensor;
 }
 
@@ -38,9 +38,9 @@ pub struct DecoupledConfig {
 /// Dense features of a batch.
 #[derive(Debug)]
 pub struct DenseFeatures {
-    /// [B,E,gh,gw]: content tokens through the final norm and head.
+    /// `[B,E,gh,gw]`: content tokens through the final norm and head.
     pub content_map: Tensor,
-    /// [B,N,A] (`qq`: Q, `kk`: K) or [B,N,2A] (`csa`: [Q̂, K̂], each L2-normalised
+    /// `[B,N,A]` (`qq`: Q, `kk`: K) or `[B,N,2A]` (`csa`: [Q̂, K̂], each L2-normalised
     /// per token, so that the normalised Gram matrix is (Q̂Q̂ᵀ + K̂K̂ᵀ) / 2).
     pub context: Tensor,
 }
@@ -90,7 +90,7 @@ pub fn encode_dense(
     })
 }
 
-/// Cosine-similarity matrix of per-token features [B,N,C] -> [B,N,N].
+/// Cosine-similarity matrix of per-token features `[B,N,C]` -> `[B,N,N]`.
 pub fn affinity(features: &Tensor) -> Tensor {
     let f = vit::l2_normalize(&features.to_kind(Kind::Float));
     f.matmul(&f.transpose(1, 2))

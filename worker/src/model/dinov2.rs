@@ -173,7 +173,7 @@ impl DinoVit {
         self.positions.clear();
     }
 
-    /// Last-layer patch features after the final norm, [B,C,gh,gw].
+    /// Last-layer patch features after the final norm, `[B,C,gh,gw]`.
     pub fn patch_features(&self, images: &Tensor) -> Result<Tensor, ModelError> {
         let grid = Grid::of_images(images, self.arch.patch_size)?;
         let patches = self.patch_embed.forward(images);

@@ -27,7 +27,7 @@ use super::ModelError;
 struct Rope {
     head_dim: i64,
     ref_grid: f64,
-    /// (sin, cos) [N, Dh] per grid.
+    /// (sin, cos) `[N, Dh]` per grid.
     cache: Mutex<HashMap<Grid, (Tensor, Tensor)>>,
 }
 
@@ -68,7 +68,7 @@ impl Rope {
         (angles.sin(), angles.cos())
     }
 
-    /// Rotates x [B,Hd,N,Dh]: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
+    /// Rotates x `[B,Hd,N,Dh]`: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
     fn apply(&self, x: &Tensor, sin: &Tensor, cos: &Tensor) -> Tensor {
         let size = x.size();
         let pairs = x.reshape([size[0], size[1], size[2], size[3] / 2, 2]);
@@ -107,7 +107,7 @@ impl Attention {
         }
     }
 
-    /// q, k, v [B,T,A] of already-normalised tokens; no RoPE.
+    /// q, k, v `[B,T,A]` of already-normalised tokens; no RoPE.
     fn qkv(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
         (
             x.apply(&self.q_proj) + &self.q_bias,
@@ -116,7 +116,7 @@ impl Attention {
         )
     }
 
-    /// Merged heads [B,T,A] -> output [B,T,D].
+    /// Merged heads `[B,T,A]` -> output `[B,T,D]`.
     fn output(&self, merged: &Tensor) -> Tensor {
         merged.apply(&self.inner_attn_ln).apply(&self.proj)
     }
@@ -246,7 +246,7 @@ impl EvaVision {
         self.positions.clear();
     }
 
-    /// Patch embedding, CLS and positions: tokens [B,1+N,D] entering block 0.
+    /// Patch embedding, CLS and positions: tokens `[B,1+N,D]` entering block 0.
     fn embed(&self, images: &Tensor) -> Result<(Tensor, Grid), ModelError> {
         let grid = Grid::of_images(images, self.arch.patch_size)?;
         let patches = self.patch_embed.forward(images);
@@ -261,7 +261,7 @@ impl EvaVision {
         Ok((x, grid))
     }
 
-    /// CLIP image embedding [B,E]: the ordinary forward, `head(norm(x)[CLS])`, L2-normalised.
+    /// CLIP image embedding `[B,E]`: the ordinary forward, `head(norm(x)[CLS])`, L2-normalised.
     pub fn image_embedding(&self, images: &Tensor) -> Result<Tensor, ModelError> {
         let (x, grid) = self.tokens_before_last(images)?;
         let last = self.blocks.last().expect("depth >= 1");

@@ -20,7 +20,7 @@ fn quick_gelu(x: &Tensor) -> Tensor {
     x * (x * 1.702).sigmoid()
 }
 
-/// `nn.MultiheadAttention` weights: in_proj [3A,D] (+ bias) and out_proj.
+/// `nn.MultiheadAttention` weights: in_proj `[3A,D]` (+ bias) and out_proj.
 #[derive(Debug)]
 struct Attention {
     in_proj_weight: Tensor,
@@ -57,7 +57,7 @@ impl Attention {
         )
     }
 
-    /// `mask`: additive [T,T] (causal text attention) or none.
+    /// `mask`: additive `[T,T]` (causal text attention) or none.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let (q, k, v) = self.qkv(x);
         let [q, k, v] = [&q, &k, &v].map(|t| vit::split_heads(t, self.heads));
@@ -156,7 +156,7 @@ impl ClipVision {
         self.positions.clear();
     }
 
-    /// CLIP image embedding [B,E]: `ln_post(x)[CLS] @ proj`, L2-normalised.
+    /// CLIP image embedding `[B,E]`: `ln_post(x)[CLS] @ proj`, L2-normalised.
     pub fn image_embedding(&self, images: &Tensor) -> Result<Tensor, ModelError> {
         let (x, _) = self.tokens_before_last(images)?;
         let x = self.blocks.last().expect("depth >= 1").forward(&x, None);
@@ -284,7 +284,7 @@ impl ClipText {
         }
     }
 
-    /// Text embeddings [T,E] of token ids [T,ctx] (tokenizer output), L2-normalised.
+    /// Text embeddings `[T,E]` of token ids `[T,ctx]` (tokenizer output), L2-normalised.
     pub fn text_embedding(&self, ids: &Tensor) -> Tensor {
         let mut x = Tensor::embedding(&self.token_embedding, ids, -1, false, false)
             + &self.positional_embedding;

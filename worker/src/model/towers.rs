@@ -47,7 +47,7 @@ pub enum Student {
 }
 
 impl Student {
-    /// CLIP image embedding [B,E], L2-normalised (the crop teacher's output).
+    /// CLIP image embedding `[B,E]`, L2-normalised (the crop teacher's output).
     pub fn image_embedding(&self, images: &Tensor) -> Result<Tensor, ModelError> {
         match self {
             Student::Eva(m) => m.image_embedding(images),

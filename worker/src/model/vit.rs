@@ -25,7 +25,7 @@ pub struct Grid {
 }
 
 impl Grid {
-    /// The grid of `images` [B,3,H,W] for `patch`-pixel patches; refuses sizes that
+    /// The grid of `images` `[B,3,H,W]` for `patch`-pixel patches; refuses sizes that
     /// do not divide (a silent crop would change the method).
     pub fn of_images(images: &Tensor, patch: usize) -> Result<Self, ModelError> {
         let size = images.size();
@@ -62,7 +62,7 @@ pub enum PosResize {
     BicubicScaleOffset,
 }
 
-/// A frozen patch-position table [1, M*M, D] (prefix entries kept apart) and its
+/// A frozen patch-position table `[1, M*M, D]` (prefix entries kept apart) and its
 /// resampled versions, computed once per grid.
 #[derive(Debug)]
 pub struct PositionTable {
@@ -80,7 +80,7 @@ impl PositionTable {
         }
     }
 
-    /// The patch part of `table` [1, M*M, D] resampled to `grid`: [1, N, D].
+    /// The patch part of `table` `[1, M*M, D]` resampled to `grid`: `[1, N, D]`.
     /// Cached per grid: the table is frozen (docs/method.md §1.3).
     pub fn for_grid(&self, table: &Tensor, grid: Grid) -> Tensor {
         let mut cache = self.cache.lock().expect("position cache lock");
@@ -120,7 +120,7 @@ impl PositionTable {
     }
 }
 
-/// Conv patch embedding: images [B,3,H,W] -> tokens [B,N,D] in row-major order.
+/// Conv patch embedding: images `[B,3,H,W]` -> tokens `[B,N,D]` in row-major order.
 #[derive(Debug)]
 pub struct PatchEmbed {
     proj: nn::Conv2D,
@@ -159,20 +159,20 @@ pub fn linear(p: nn::Path, input: usize, output: usize, bias: bool) -> nn::Linea
     nn::linear(p, input as i64, output as i64, cfg)
 }
 
-/// [B,T,Hd*Dh] -> [B,Hd,T,Dh]
+/// `[B,T,Hd*Dh]` -> `[B,Hd,T,Dh]`
 pub fn split_heads(x: &Tensor, heads: usize) -> Tensor {
     let (b, t, d) = x.size3().expect("[B,T,D]");
     x.reshape([b, t, heads as i64, d / heads as i64])
         .transpose(1, 2)
 }
 
-/// [B,Hd,T,Dh] -> [B,T,Hd*Dh]
+/// `[B,Hd,T,Dh]` -> `[B,T,Hd*Dh]`
 pub fn merge_heads(x: &Tensor) -> Tensor {
     let (b, h, t, dh) = x.size4().expect("[B,Hd,T,Dh]");
     x.transpose(1, 2).reshape([b, t, h * dh])
 }
 
-/// softmax(q kᵀ · scale) v over the last two dims; [B,Hd,T,Dh] each.
+/// softmax(q kᵀ · scale) v over the last two dims; `[B,Hd,T,Dh]` each.
 ///
 /// libtorch's fused `scaled_dot_product_attention` (flash kernel on CPU and GPU):
 /// it never materialises the T×T matrix, which at 560 px (1226 tokens, 12 heads)
@@ -181,7 +181,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
     Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, scale, false)
 }
 
-/// Patch tokens [B,N,C] -> map [B,C,rows,cols] (token n = row * cols + col).
+/// Patch tokens `[B,N,C]` -> map `[B,C,rows,cols]` (token n = row * cols + col).
 pub fn tokens_to_map(tokens: &Tensor, grid: Grid) -> Tensor {
     let (b, _, c) = tokens.size3().expect("[B,N,C]");
     tokens.transpose(1, 2).reshape([b, c, grid.rows, grid.cols])

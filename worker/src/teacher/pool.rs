@@ -15,9 +15,9 @@ use proto::wire::{
 use tch::Device;
 
 use crate::control::{Control, ControlError, ControlEvent};
+use crate::data::job_source::{job_source, JobSourceError};
 use crate::data::source::ImageSource;
 use crate::telemetry::{self, ShardGiveUp, TeacherSeries};
-use crate::train::run::{self, RunError};
 
 use super::cache::ShardWritten;
 use super::models::TeacherModels;
@@ -30,20 +30,13 @@ pub enum PoolError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Teacher(#[from] TeacherError),
-    /// Boxed: a run error is large.
     #[error(transparent)]
-    Data(Box<RunError>),
-}
-
-impl From<RunError> for PoolError {
-    fn from(err: RunError) -> Self {
-        PoolError::Data(Box::new(err))
-    }
+    Source(#[from] JobSourceError),
 }
 
 /// Leases and computes shards until the coordinator says stop.
 pub fn run_teacher(control: &Control, spec: &JobSpec, device: Device) -> Result<(), PoolError> {
-    let source = run::job_source(spec)?;
+    let source = job_source(spec)?;
     let models = TeacherModels::new(spec, device)?;
     let dir = proto::cache::cache_dir(Path::new(&spec.job.run_dir));
     let mut images_total = 0u64;

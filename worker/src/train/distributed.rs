@@ -111,7 +111,8 @@ pub fn run_trainer(
     device: Device,
     listener: &RingListener,
 ) -> Result<TrainerExit, DistributedError> {
-    let source: SharedSource = Arc::new(run::job_source(spec)?);
+    let source: SharedSource =
+        Arc::new(crate::data::job_source::job_source(spec).map_err(RunError::from)?);
     let here = source.image_count() as u64;
     if here != control.registration.image_count {
         return Err(DistributedError::DatasetMismatch {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::dataset::SkipCounts;
-use proto::job::{DataSource, JobSpec, TeacherMode};
+use proto::job::{JobSpec, TeacherMode};
 use proto::plan::crops::CropPlan;
 use proto::plan::order::{Cursor, OrderError, OrderPlan, Shards};
 use tch::Device;
@@ -14,15 +14,13 @@ use tch::Device;
 use super::checkpoint::{self, Checkpoint, CheckpointError, CheckpointState};
 use super::export::{self, ExportError};
 use super::trainer::{GlobalCounts, StepReport, TrainError, Trainer};
-use crate::data::coco::{self, CocoError, CocoSource};
+use crate::data::job_source::{job_source, JobSourceError};
 use crate::data::loader::{
     BatchFeed, CachePrep, LoadError, LoadedBatch, Loader, LoaderConfig, LoaderError, LoaderStats,
     SamplePrep, SharedSource,
 };
 use crate::data::sample::{self, Batch, CacheRef, CachedSample, Resolutions, Sample, SampleError};
-use crate::data::skips::SkippingSource;
 use crate::data::source::ImageSource;
-use crate::data::synth_coco::{self, SynthError};
 use crate::distill::step::Targets;
 use crate::teacher::cache::{CacheError, CacheStore};
 use crate::teacher::models::TeacherModels;
@@ -43,10 +41,8 @@ pub enum RunError {
     Loader(#[from] LoaderError),
     #[error("the data loader ended before step {0}: a loader bug")]
     LoaderEnded(u64),
-    #[error("dataset: {0}")]
-    Dataset(#[from] CocoError),
-    #[error("synthetic dataset: {0}")]
-    Synthetic(#[from] SynthError),
+    #[error(transparent)]
+    Source(#[from] JobSourceError),
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] CheckpointError),
     #[error("export: {0}")]
@@ -95,22 +91,6 @@ pub fn run_standalone(spec: &JobSpec, device: Device) -> Result<RunSummary, RunE
     Ok(summary)
 }
 
-/// The images of a job as trainers and teachers read them. The demo's synthetic data
-/// is a real COCO-format dataset written into the run directory, read through the same
-/// pipeline as COCO itself. Bad images are skipped, logged with their path, counted by
-/// reason and replaced deterministically; past `data.max_skip_fraction` reading fails
-/// (`data::skips`).
-pub fn job_source(spec: &JobSpec) -> Result<SkippingSource<CocoSource>, RunError> {
-    let data = match spec.data.source {
-        DataSource::Synthetic => {
-            let root = PathBuf::from(&spec.job.run_dir).join("synthetic-coco");
-            synth_coco::ensure_job_dataset(&spec.data, spec.job.seed, &root)?
-        }
-        DataSource::Coco => spec.data.clone(),
-    };
-    Ok(coco::training_source(&data)?)
-}
-
 /// Cache mode in one process: computes every shard without a usable file (teachers
 /// built here and dropped afterwards), then opens the store the loop reads.
 pub fn prepare_cache(
@@ -143,10 +123,8 @@ pub fn run(spec: &JobSpec, device: Device, source: SharedSource) -> Result<RunSu
     let batch_size = spec.train.batch_size;
     let order = OrderPlan::new(spec.job.seed, source.image_count(), batch_size)?;
     let steps_per_epoch = order.steps_per_epoch();
-    let mut total = spec.train.epochs as u64 * steps_per_epoch;
-    if spec.train.max_steps > 0 {
-        total = total.min(spec.train.max_steps);
-    }
+    let total =
+        proto::plan::steps::capped_total(steps_per_epoch, spec.train.epochs, spec.train.max_steps);
     let mut trainer = Trainer::new(spec, device, total)?;
     tracing::info!("VFM: {}", trainer.sources.1);
     let config_hash = spec.hash_hex();
