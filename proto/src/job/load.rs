@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::{resolve, validate, ConfigError, JobSpec, Problem};
+use super::error::{ConfigError, Problem};
+use super::spec::JobSpec;
+use super::{resolve, validate};
 
 /// Prefix of environment variables that override config keys; `__` separates levels.
 pub const ENV_PREFIX: &str = "DECLIP";

@@ -1,7 +1,8 @@
 //! Fills each tower's architecture from its preset; explicit fields win.
 
 use super::arch::{self, Family, VitArch, PRESET_NAMES};
-use super::{JobSpec, Problem, TowerSpec};
+use super::error::Problem;
+use super::spec::{JobSpec, TowerSpec};
 
 /// Resolves `model.student` and `model.vfm` in place; returns the problems found.
 pub(crate) fn resolve_towers(spec: &mut JobSpec) -> Vec<Problem> {

@@ -6,9 +6,9 @@
 use std::net::SocketAddr;
 
 use super::arch::VitArch;
-use super::{
-    Compression, ContextResize, DataSource, Gang, JobSpec, PodResources, Problem, TeacherMode,
-    TowerSpec,
+use super::error::Problem;
+use super::spec::{
+    Compression, ContextResize, DataSource, Gang, JobSpec, PodResources, TeacherMode, TowerSpec,
 };
 
 pub(crate) fn validate(spec: &JobSpec) -> Vec<Problem> {

@@ -4,7 +4,7 @@
 
 use crate::wire::{JobStatus, Losses, RankStatus, StepTimes, TeacherProgress};
 
-use super::*;
+use super::names::*;
 
 /// Sets every `declip_job_*` and `declip_rank_*` series (and the generation, world
 /// size, last checkpoint and skip counts) from `status`. Call whenever the status
