@@ -8,6 +8,7 @@
 //! mode only), a Volcano PodGroup when `k8s.gang = "volcano"`, and a PodMonitor.
 //! The token Secret is referenced by name (`k8s.token_secret`), never rendered.
 
+mod layout;
 mod objects;
 
 use std::process::ExitCode;
@@ -17,11 +18,7 @@ use proto::cli::{ConfigArgs, EXIT_CONFIG};
 use proto::job::JobSpec;
 use serde_json::Value;
 
-/// Where the volumes are mounted in every pod (fixed, so configs need not say it).
-pub const DATA_MOUNT: &str = "/data";
-pub const RUNS_MOUNT: &str = "/runs";
-pub const CONFIG_MOUNT: &str = "/etc/declip";
-pub const CONFIG_FILE: &str = "job.toml";
+pub use layout::{coordinator_metrics_port, CONFIG_FILE, CONFIG_MOUNT, DATA_MOUNT, RUNS_MOUNT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -40,15 +37,6 @@ pub fn in_cluster_spec(spec: &JobSpec) -> JobSpec {
     s.coordinator.listen = format!("0.0.0.0:{}", spec.k8s.grpc_port);
     s.coordinator.metrics_port = coordinator_metrics_port(spec);
     s
-}
-
-/// A cluster cannot scrape a port picked at start, so port 0 becomes the worker
-/// metrics port (the coordinator has its own pod, so they do not collide).
-pub fn coordinator_metrics_port(spec: &JobSpec) -> u16 {
-    match spec.coordinator.metrics_port {
-        0 => spec.k8s.worker_metrics_port,
-        port => port,
-    }
 }
 
 /// Every object, in apply order (volumes and config before the pods that use them).

@@ -6,7 +6,7 @@ use proto::job::{Gang, JobSpec, PodResources, TeacherMode, RANK_HINT_ENV};
 use proto::metrics::{HOST_ENV, METRICS_LISTEN_ENV};
 use serde_json::{json, Map, Value};
 
-use super::{coordinator_metrics_port, CONFIG_FILE, CONFIG_MOUNT, DATA_MOUNT, RUNS_MOUNT};
+use super::layout::{coordinator_metrics_port, CONFIG_FILE, CONFIG_MOUNT, DATA_MOUNT, RUNS_MOUNT};
 
 /// Environment variable the worker command line expands (`$(COORDINATOR_ADDR)`).
 const COORDINATOR_ADDR_ENV: &str = "COORDINATOR_ADDR";
