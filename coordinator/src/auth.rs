@@ -1,6 +1,8 @@
 //! The job's bearer token on every RPC: a call without it, or with another one, is
 //! answered UNAUTHENTICATED before it reaches the service (so it changes nothing), logged
-//! with the peer address and counted by reason.
+//! with the peer address and counted by reason ([`AuthRefusal`]).
+
+pub mod refusal;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use proto::auth::{parse_bearer, tokens_equal, METADATA_KEY, TOKEN_ENV};
 use tonic::{Request, Status};
 
 use crate::metrics::Metrics;
+pub use refusal::AuthRefusal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -52,11 +55,6 @@ pub fn check_token(token: &str) -> Result<(), TokenError> {
     Ok(())
 }
 
-/// `reason` labels of the calls the token check refuses.
-pub const MISSING_TOKEN: &str = "unauthenticated_missing_token";
-pub const WRONG_TOKEN: &str = "unauthenticated_wrong_token";
-pub const MALFORMED_TOKEN: &str = "unauthenticated_malformed_token";
-
 /// Checks the `authorization` metadata of every call.
 #[derive(Clone)]
 pub struct AuthInterceptor {
@@ -72,10 +70,11 @@ impl AuthInterceptor {
         }
     }
 
-    fn refuse(&self, reason: &'static str, peer: Option<std::net::SocketAddr>) -> Status {
+    fn refuse(&self, refusal: AuthRefusal, peer: Option<std::net::SocketAddr>) -> Status {
+        let reason = refusal.label();
         self.metrics.reject(reason);
         let peer = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
-        tracing::warn!(%peer, reason, "refused an unauthenticated call");
+        tracing::warn!(%peer, reason, "refused an unauthenticated call: {refusal}");
         Status::unauthenticated("a valid job token is required (authorization: Bearer <token>)")
     }
 }
@@ -84,12 +83,12 @@ impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let peer = request.remote_addr();
         let Some(value) = request.metadata().get(METADATA_KEY) else {
-            return Err(self.refuse(MISSING_TOKEN, peer));
+            return Err(self.refuse(AuthRefusal::MissingToken, peer));
         };
         match value.to_str().ok().and_then(parse_bearer) {
             Some(token) if tokens_equal(token, &self.token) => Ok(request),
-            Some(_) => Err(self.refuse(WRONG_TOKEN, peer)),
-            None => Err(self.refuse(MALFORMED_TOKEN, peer)),
+            Some(_) => Err(self.refuse(AuthRefusal::WrongToken, peer)),
+            None => Err(self.refuse(AuthRefusal::MalformedToken, peer)),
         }
     }
 }

@@ -2,8 +2,9 @@
 //! `proto::metrics::CATALOG`):
 //! - [`Metrics`]: refused RPCs by reason, counted once per refusal by the service and
 //!   the auth layer (and kept here for `status` and the tests);
-//! - [`generation_aborted`] and [`checkpoint_committed`]: called where the state applies
-//!   those decisions (so a journal replay recounts its history);
+//! - [`generation_aborted`] and [`checkpoint_committed`]: called by the service for the
+//!   live decisions the state hands out ([`crate::state::Decision`]), once each; a
+//!   journal replay (`--resume`) counts nothing;
 //! - [`export_status`]: every job-level and per-rank series, from the `JobStatus` the
 //!   coordinator publishes anyway, refreshed by [`export_forever`].
 
@@ -14,6 +15,9 @@ use std::time::Duration;
 use proto::metrics::{self as m, LABEL_POOL, LABEL_REASON, LABEL_STATE};
 use proto::wire::{JobStatus, WorkerState};
 use tokio::sync::watch;
+
+use crate::auth::refusal::AuthRefusal;
+use crate::state::lost::LostReason;
 
 /// Refused RPCs and reports by reason (`unauthenticated_missing_token`,
 /// `rank_outside_world`, ...).
@@ -45,35 +49,24 @@ impl Metrics {
     }
 }
 
-/// Reasons of a refused call by the token check (auth.rs), exported from 0 so that a
-/// rate over them has data before the first refusal.
+/// Reasons of a refused call by the token check ([`AuthRefusal`]), exported from 0 so
+/// that a rate over them has data before the first refusal.
 pub const AUTH_REASONS: [&str; 3] = [
-    crate::auth::MISSING_TOKEN,
-    crate::auth::WRONG_TOKEN,
-    crate::auth::MALFORMED_TOKEN,
+    AuthRefusal::ALL[0].label(),
+    AuthRefusal::ALL[1].label(),
+    AuthRefusal::ALL[2].label(),
 ];
 
-/// The `reason` label of an aborted generation, from the reason the state journals
-/// for a lost member (`state::job::LOST_*`).
-pub fn abort_reason(lost: &str) -> &'static str {
-    use crate::state::job::{LOST_FAILED, LOST_HEARTBEAT, LOST_IDLE};
-    if lost == LOST_HEARTBEAT {
-        "hang"
-    } else if lost.starts_with(LOST_FAILED) || lost == LOST_IDLE {
-        "error"
-    } else {
-        "lost_member"
-    }
+/// Values of the `reason` label of [`m::GENERATION_ABORTS_TOTAL`] ([`LostReason::label`]).
+pub const ABORT_REASONS: [&str; 3] = LostReason::LABELS;
+
+/// One generation aborted because a member was lost for `lost`, counted under
+/// [`LostReason::label`].
+pub fn generation_aborted(lost: &LostReason) {
+    metrics::counter!(m::GENERATION_ABORTS_TOTAL, LABEL_REASON => lost.label()).increment(1);
 }
 
-/// Values of the `reason` label of [`m::GENERATION_ABORTS_TOTAL`].
-pub const ABORT_REASONS: [&str; 3] = ["lost_member", "hang", "error"];
-
-/// One generation aborted because a member was lost for `lost` (free text).
-pub fn generation_aborted(lost: &str) {
-    metrics::counter!(m::GENERATION_ABORTS_TOTAL, LABEL_REASON => abort_reason(lost)).increment(1);
-}
-
+/// One checkpoint committed.
 pub fn checkpoint_committed() {
     metrics::counter!(m::CHECKPOINT_COMMITS_TOTAL).increment(1);
 }
@@ -180,12 +173,11 @@ mod tests {
 
     #[test]
     fn lost_members_are_labelled_by_why_the_generation_ended() {
-        use crate::state::job::{LOST_FAILED, LOST_HEARTBEAT, LOST_IDLE, LOST_STREAM};
-        assert_eq!(abort_reason(LOST_HEARTBEAT), "hang");
-        let failed = format!("{LOST_FAILED}ring peer 1 closed");
-        assert_eq!(abort_reason(&failed), "error");
-        assert_eq!(abort_reason(LOST_IDLE), "error");
-        assert_eq!(abort_reason(LOST_STREAM), "lost_member");
+        assert_eq!(LostReason::HeartbeatTimeout.label(), "hang");
+        let failed = LostReason::ReportedFailure("ring peer 1 closed".into());
+        assert_eq!(failed.label(), "error");
+        assert_eq!(LostReason::BackToIdle.label(), "error");
+        assert_eq!(LostReason::StreamClosed.label(), "lost_member");
     }
 
     fn value(text: &str, prefix: &str) -> f64 {
@@ -220,8 +212,8 @@ mod tests {
         metrics::with_local_recorder(&recorder, || {
             export_zeros();
             Metrics::default().reject("unauthenticated_wrong_token");
-            generation_aborted(crate::state::job::LOST_HEARTBEAT);
-            generation_aborted(crate::state::job::LOST_HEARTBEAT);
+            generation_aborted(&LostReason::HeartbeatTimeout);
+            generation_aborted(&LostReason::HeartbeatTimeout);
             export_status(&status);
         });
         let text = handle.render();

@@ -21,9 +21,9 @@ use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::state::teachers::Acquired;
-use crate::state::{JobState, Outgoing, StateError};
+use crate::state::{Decision, JobState, Outgoing, StateError};
 
 type CommandTx = mpsc::UnboundedSender<Result<Command, Status>>;
 
@@ -62,8 +62,9 @@ impl Core {
         self.status.subscribe()
     }
 
-    /// Runs one decision under the lock: sends its commands, publishes the status, and
-    /// turns a refusal into a counted, logged status code.
+    /// Runs one decision under the lock: sends its commands, counts what it decided
+    /// ([`count_decisions`]), publishes the status, and turns a refusal into a counted,
+    /// logged status code.
     fn decide<T>(
         &self,
         peer: Option<SocketAddr>,
@@ -95,6 +96,8 @@ impl Core {
                 Err(Status::internal(format!("journal: {err}")))
             }
         };
+        // Also after an error: what was journaled before it stands.
+        count_decisions(inner.state.take_decisions());
         self.status.send_replace(inner.state.status(now));
         result
     }
@@ -156,6 +159,17 @@ impl Core {
             }
             Ok(((), out))
         });
+    }
+}
+
+/// Counts the decisions the state took live, once each. A journal replay hands out
+/// none, so `--resume` recounts nothing.
+fn count_decisions(decisions: Vec<Decision>) {
+    for decision in decisions {
+        match decision {
+            Decision::GenerationAborted(reason) => metrics::generation_aborted(&reason),
+            Decision::CheckpointCommitted { .. } => metrics::checkpoint_committed(),
+        }
     }
 }
 
@@ -392,4 +406,127 @@ pub fn is_terminal(phase: i32) -> bool {
     [JobPhase::Completed, JobPhase::Stopped, JobPhase::Failed]
         .iter()
         .any(|p| *p as i32 == phase)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Journal;
+    use crate::state::JobConfig;
+    use proto::metrics::local_recorder;
+    use proto::wire::{CheckpointRef, Role, WorkerState};
+
+    fn config() -> JobConfig {
+        let spec = proto::job::load(
+            &proto::job::DEMO_CONFIG,
+            std::iter::empty::<(String, String)>(),
+            &[
+                "trainers.min=1".to_string(),
+                "trainers.max=1".to_string(),
+                "checkpoint.every_steps=4".to_string(),
+                "train.max_steps=10".to_string(),
+            ],
+        )
+        .unwrap()
+        .spec;
+        JobConfig::from_spec(&spec, 96).unwrap()
+    }
+
+    fn report(id: &str, state: WorkerState, generation: u64, step: u64) -> WorkerReport {
+        WorkerReport {
+            worker_id: id.into(),
+            state: state as i32,
+            generation,
+            step,
+            ..Default::default()
+        }
+    }
+
+    /// A trainer that forms generation 1, commits step 4, then is lost: one commit and
+    /// one abort, counted by the service that took them.
+    fn run_live(core: &Core) {
+        let req = RegisterRequest {
+            protocol_version: proto::PROTOCOL_VERSION,
+            role: Role::Trainer as i32,
+            host: "h".into(),
+            devices: vec!["cpu".into()],
+            rank_hint: -1,
+            ..Default::default()
+        };
+        let id = core
+            .decide(None, "register", |inner, now| {
+                Ok((inner.state.register(&req, now)?, Vec::new()))
+            })
+            .unwrap()
+            .worker_id;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let session = core.attach(None, &id, tx).unwrap();
+        core.report(None, &id, session, report(&id, WorkerState::Idle, 0, 0))
+            .unwrap();
+        core.report(None, &id, session, report(&id, WorkerState::Training, 1, 4))
+            .unwrap();
+        let commit = CommitCheckpointRequest {
+            worker_id: id.clone(),
+            generation: 1,
+            checkpoint: Some(CheckpointRef {
+                step: 4,
+                path: "checkpoints/step-4".into(),
+                checksum: "c".repeat(64),
+                epoch: 0,
+                epoch_step: 4,
+            }),
+        };
+        core.decide_out(None, "commit_checkpoint", |s, _| {
+            s.commit_checkpoint(&commit)
+        })
+        .unwrap();
+        core.detach(&id, session);
+    }
+
+    fn value(text: &str, prefix: &str) -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    const COMMITS: &str = "declip_checkpoint_commits_total ";
+    const LOST_MEMBER: &str = "declip_generation_aborts_total{reason=\"lost_member\"}";
+
+    #[test]
+    fn live_decisions_are_counted_once_and_a_resume_replay_counts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = local_recorder(&[]);
+        let handle = recorder.handle();
+        let cfg = config();
+        let metrics = Arc::new(Metrics::default());
+
+        let (journal, _) = Journal::open(dir.path(), false).unwrap();
+        let live = JobState::new(cfg.clone(), Some(journal), Instant::now()).unwrap();
+        let core = Core::new(live, metrics.clone());
+        ::metrics::with_local_recorder(&recorder, || {
+            crate::metrics::export_zeros();
+            run_live(&core);
+        });
+        drop(core);
+        let text = handle.render();
+        assert_eq!(value(&text, COMMITS), 1.0);
+        assert_eq!(value(&text, LOST_MEMBER), 1.0);
+
+        // `--resume`: the same journal through the same state, then the service runs.
+        // All of it under the recorder, so a count anywhere on that path would show.
+        let (journal, records) = Journal::open(dir.path(), true).unwrap();
+        ::metrics::with_local_recorder(&recorder, || {
+            let mut replayed = JobState::replay(cfg, journal, &records, Instant::now()).unwrap();
+            assert_eq!(replayed.checkpoints().latest_step(), 4, "commit replayed");
+            assert_eq!(replayed.status(Instant::now()).restarts, 1, "loss replayed");
+            assert!(replayed.take_decisions().is_empty());
+            let core = Core::new(replayed, metrics);
+            core.tick();
+        });
+        let after = handle.render();
+        assert_eq!(value(&after, COMMITS), 1.0, "{after}");
+        assert_eq!(value(&after, LOST_MEMBER), 1.0, "{after}");
+    }
 }

@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use proto::job::{JobSpec, TeacherMode};
-use proto::plan::order::{steps_per_epoch, OrderError, Shards};
+use proto::plan::order::{OrderError, Shards};
+use proto::plan::steps;
 use proto::wire::{
     command, AbortGroup, CheckpointAt, CheckpointRef, CollectiveBackend, Command,
     CommitCheckpointRequest, CompleteShardRequest, Drain, JobPhase, JobStatus, JoinGroup, Losses,
@@ -19,6 +20,7 @@ use proto::wire::{
 };
 
 use super::checkpoints::Checkpoints;
+use super::lost::LostReason;
 use super::rendezvous::{assign_ranks, world_size, Candidate, World};
 use super::teachers::{Acquired, DoneShard, LeaseError, TeacherQueue};
 use crate::journal::{Checkpoint, Journal, JournalError, Record};
@@ -36,7 +38,7 @@ pub struct JobConfig {
     pub seed: u64,
     pub image_count: u32,
     pub shards: Shards,
-    /// epochs × steps_per_epoch, capped by train.max_steps.
+    /// epochs × steps_per_epoch, capped by train.max_steps ([`steps::total_steps`]).
     pub total_steps: u64,
     pub global_batch: u64,
     pub every_steps: u64,
@@ -67,11 +69,13 @@ impl JobConfig {
             images: image_count,
             source,
         };
-        let per_epoch = steps_per_epoch(image_count, spec.train.batch_size).map_err(plan_err)?;
-        let mut total_steps = spec.train.epochs as u64 * per_epoch;
-        if spec.train.max_steps > 0 {
-            total_steps = total_steps.min(spec.train.max_steps);
-        }
+        let total_steps = steps::total_steps(
+            image_count,
+            spec.train.batch_size,
+            spec.train.epochs,
+            spec.train.max_steps,
+        )
+        .map_err(plan_err)?;
         let shard_size = u32::try_from(spec.data.shard_size).unwrap_or(u32::MAX);
         Ok(Self {
             job: spec.job.name.clone(),
@@ -128,13 +132,19 @@ fn refuse<T>(code: Code, reason: &'static str, message: impl Into<String>) -> Re
     Err(Refusal::new(code, reason, message).into())
 }
 
-/// Why a member left its generation (journaled with `Lost`; `metrics::abort_reason`
-/// labels them).
-pub const LOST_STREAM: &str = "stream closed";
-pub const LOST_HEARTBEAT: &str = "heartbeat timeout";
-/// Followed by the worker's error text.
-pub const LOST_FAILED: &str = "reported failure: ";
-pub const LOST_IDLE: &str = "back to IDLE: its generation ended on its side (a failed collective)";
+/// A decision taken live (journaled by this process, not replayed) that the service
+/// counts in the metrics, once: [`JobState::take_decisions`] hands each out once, and a
+/// journal replay ([`JobState::replay`], [`JobState::apply`]) produces none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The current generation was aborted because a member was lost.
+    GenerationAborted(LostReason),
+    /// Rank 0's checkpoint at `step` was committed.
+    CheckpointCommitted {
+        /// The global step of the committed checkpoint.
+        step: u64,
+    },
+}
 
 /// A registered worker and what it last reported.
 #[derive(Clone, Debug)]
@@ -175,6 +185,8 @@ pub struct JobState {
     restarts: u32,
     events: VecDeque<String>,
     error: String,
+    /// Live decisions not yet taken by [`JobState::take_decisions`].
+    decisions: Vec<Decision>,
 }
 
 impl JobState {
@@ -201,6 +213,7 @@ impl JobState {
             restarts: 0,
             events: VecDeque::new(),
             error: String::new(),
+            decisions: Vec::new(),
         };
         state.decide(Record::Started {
             job: state.cfg.job.clone(),
@@ -298,6 +311,12 @@ impl JobState {
         self.stop_everyone(reason)
     }
 
+    /// The live decisions taken since the last call (each returned once), for the
+    /// caller to count. Applying or replaying journaled records adds none.
+    pub fn take_decisions(&mut self) -> Vec<Decision> {
+        std::mem::take(&mut self.decisions)
+    }
+
     /// Journals `record` (fsync) and applies it.
     fn decide(&mut self, record: Record) -> Result<()> {
         if let Some(journal) = &mut self.journal {
@@ -307,7 +326,8 @@ impl JobState {
         Ok(())
     }
 
-    /// The effect of one journaled fact (live or replayed).
+    /// The effect of one journaled fact (live or replayed). No side effects outside the
+    /// state: what is counted is counted from [`JobState::take_decisions`].
     pub fn apply(&mut self, record: &Record) {
         match record {
             Record::Started { .. } => {}
@@ -348,7 +368,6 @@ impl JobState {
                     self.world = None;
                 }
                 self.restarts += 1;
-                crate::metrics::generation_aborted(reason);
                 self.event(format!(
                     "{worker_id} lost from generation {generation}: {reason}"
                 ));
@@ -362,7 +381,6 @@ impl JobState {
                     checkpoint.step
                 ));
                 self.checkpoints.push(checkpoint.clone());
-                crate::metrics::checkpoint_committed();
             }
             Record::Drain {
                 generation,
@@ -545,13 +563,20 @@ impl JobState {
     /// The stream of `session` ended: the worker is lost (if that is still its stream).
     pub fn detach(&mut self, worker_id: &str, session: u64, now: Instant) -> Result<Vec<Outgoing>> {
         match self.workers.get(worker_id) {
-            Some(w) if w.session == Some(session) => self.lose(worker_id, LOST_STREAM, now),
+            Some(w) if w.session == Some(session) => {
+                self.lose(worker_id, &LostReason::StreamClosed, now)
+            }
             _ => Ok(Vec::new()),
         }
     }
 
     /// A worker is gone: during training its generation is aborted and a new one forms.
-    fn lose(&mut self, worker_id: &str, reason: &str, now: Instant) -> Result<Vec<Outgoing>> {
+    fn lose(
+        &mut self,
+        worker_id: &str,
+        reason: &LostReason,
+        now: Instant,
+    ) -> Result<Vec<Outgoing>> {
         if let Some(w) = self.workers.get_mut(worker_id) {
             w.session = None;
         }
@@ -576,7 +601,7 @@ impl JobState {
     fn leave_generation(
         &mut self,
         worker_id: &str,
-        reason: &str,
+        reason: &LostReason,
         now: Instant,
     ) -> Result<Vec<Outgoing>> {
         let Some(world) = self.member_of_live_world(worker_id) else {
@@ -588,6 +613,8 @@ impl JobState {
             worker_id: worker_id.to_string(),
             reason: reason.to_string(),
         })?;
+        self.decisions
+            .push(Decision::GenerationAborted(reason.clone()));
         let abort = command(command::Kind::Abort(AbortGroup {
             generation: world.generation,
             reason: format!("{worker_id} lost: {reason}"),
@@ -602,7 +629,7 @@ impl JobState {
             self.set_phase(JobPhase::Stopped, "a member was lost during the drain")?;
             out.extend(self.stop_everyone("the job stopped during a drain"));
         } else {
-            self.set_phase(JobPhase::Recovering, reason)?;
+            self.set_phase(JobPhase::Recovering, &reason.to_string())?;
             self.forming_since = now;
         }
         Ok(out)
@@ -619,7 +646,7 @@ impl JobState {
             .collect();
         let mut out = Vec::new();
         for id in silent {
-            out.extend(self.lose(&id, LOST_HEARTBEAT, now)?);
+            out.extend(self.lose(&id, &LostReason::HeartbeatTimeout, now)?);
         }
         self.expire_leases(now);
         out.extend(self.try_form(now)?);
@@ -766,7 +793,7 @@ impl JobState {
         }
         let mut out = Vec::new();
         if left {
-            out.extend(self.leave_generation(worker_id, LOST_IDLE, now)?);
+            out.extend(self.leave_generation(worker_id, &LostReason::BackToIdle, now)?);
         } else if role == Role::Trainer {
             out.extend(self.trainer_report(worker_id, &report, now)?);
         }
@@ -844,7 +871,7 @@ impl JobState {
         self.max_step = self.max_step.max(r.step);
         let mut out = Vec::new();
         if r.state == WorkerState::Failed as i32 {
-            let reason = format!("{LOST_FAILED}{}", r.error);
+            let reason = LostReason::ReportedFailure(r.error.clone());
             return self.lose(worker_id, &reason, now);
         }
         if rank == 0 && !world.nccl_id_sent && !r.nccl_unique_id.is_empty() {
@@ -994,6 +1021,7 @@ impl JobState {
             generation: world.generation,
             checkpoint: ckpt,
         })?;
+        self.decisions.push(Decision::CheckpointCommitted { step });
         let mut out = Vec::new();
         if self.drain_step.is_none() {
             out.extend(self.checkpoint_command(step));

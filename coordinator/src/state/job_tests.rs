@@ -381,3 +381,56 @@ fn a_member_back_to_idle_on_its_own_ends_the_generation_and_a_new_one_forms() {
     assert!(j.iter().all(|(_, join)| join.generation == 2));
     assert_eq!(s.phase(), JobPhase::Training);
 }
+
+#[test]
+fn live_decisions_are_handed_out_once_and_a_replay_hands_out_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let cfg = JobConfig::from_spec(&spec(), 96).unwrap();
+    let (journal, _) = Journal::open(dir.path(), false).unwrap();
+    let mut s = JobState::new(cfg.clone(), Some(journal), t0).unwrap();
+    let (a, sa) = trainer(&mut s, 7001, t0);
+    s.report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    s.tick(t0 + Duration::from_secs(11)).unwrap();
+    assert!(
+        s.take_decisions().is_empty(),
+        "forming a world is not counted"
+    );
+    s.report(&a, sa, report(&a, WorkerState::Training, 1, 4), t0)
+        .unwrap();
+    s.commit_checkpoint(&ckpt_req(&a, 1, 4)).unwrap();
+    let failed = WorkerReport {
+        error: "ring peer 1 closed".into(),
+        ..report(&a, WorkerState::Failed, 1, 5)
+    };
+    s.report(&a, sa, failed, t0).unwrap();
+    assert_eq!(
+        s.take_decisions(),
+        [
+            Decision::CheckpointCommitted { step: 4 },
+            Decision::GenerationAborted(LostReason::ReportedFailure("ring peer 1 closed".into())),
+        ]
+    );
+    assert!(s.take_decisions().is_empty(), "each is handed out once");
+    drop(s);
+
+    let (journal, records) = Journal::open(dir.path(), true).unwrap();
+    let mut r = JobState::replay(cfg.clone(), journal, &records, t0).unwrap();
+    assert_eq!(r.checkpoints().latest_step(), 4);
+    assert!(
+        r.take_decisions().is_empty(),
+        "a replay decides nothing anew"
+    );
+    // The typed reason was journaled as the same text as ever.
+    let lost = records.iter().find_map(|rec| match rec {
+        Record::Lost { reason, .. } => Some(reason.as_str()),
+        _ => None,
+    });
+    assert_eq!(lost, Some("reported failure: ring peer 1 closed"));
+    // Applying the records again (the replay path) decides nothing either.
+    for record in &records {
+        r.apply(record);
+    }
+    assert!(r.take_decisions().is_empty());
+}

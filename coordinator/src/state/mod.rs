@@ -3,7 +3,9 @@
 
 pub mod checkpoints;
 pub mod job;
+pub mod lost;
 pub mod rendezvous;
 pub mod teachers;
 
-pub use job::{JobConfig, JobState, Outgoing, StateError};
+pub use job::{Decision, JobConfig, JobState, Outgoing, StateError};
+pub use lost::LostReason;

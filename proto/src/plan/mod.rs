@@ -5,10 +5,12 @@
 //!   dependency update can change a plan).
 //! - [`crops`]: the crop plan (docs/method.md §3) and its box mappings.
 //! - [`order`]: shards, epoch order, global steps, rank slices and the resume cursor.
+//! - [`steps`]: how many optimizer steps a whole job takes (epochs, drop-last, `max_steps`).
 
 pub mod crops;
 pub mod order;
 pub mod rng;
+pub mod steps;
 
 /// Version of the plan contract: the generator ([`rng::RNG_VERSION`]), the layout table,
 /// how the crop plan and the epoch order consume draws, and the box arithmetic. Anything
