@@ -141,7 +141,7 @@ fn export_workers(pool: &'static str, states: impl Iterator<Item = i32>) {
 /// between decisions; the status channel only changes on decisions and ticks).
 const EXPORT_EVERY: Duration = Duration::from_secs(1);
 
-/// Exports the published status every [`EXPORT_EVERY`] until the channel closes.
+/// Exports the published status every `EXPORT_EVERY` (1 s) until the channel closes.
 pub async fn export_forever(mut status: watch::Receiver<JobStatus>) {
     export_zeros();
     loop {

@@ -1,4 +1,4 @@
-//! The job spec: schema ([`spec`]), architecture presets ([`arch`]), loading with
+//! The job spec: schema (`spec`), architecture presets ([`arch`]), loading with
 //! overrides ([`load`]) and validation. A spec that comes out of [`load`] is
 //! resolved (every tower's architecture filled in) and valid.
 
