@@ -154,7 +154,7 @@ pub async fn export_forever(mut status: watch::Receiver<JobStatus>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proto::metrics::local_recorder;
     use proto::wire::{RankStatus, TeacherStatus};
@@ -180,7 +180,8 @@ mod tests {
         assert_eq!(LostReason::StreamClosed.label(), "lost_member");
     }
 
-    fn value(text: &str, prefix: &str) -> f64 {
+    /// The value of the first exposition line of `text` that starts with `prefix`.
+    pub(crate) fn value(text: &str, prefix: &str) -> f64 {
         let line = text
             .lines()
             .find(|l| l.starts_with(prefix))

@@ -412,6 +412,7 @@ pub fn is_terminal(phase: i32) -> bool {
 mod tests {
     use super::*;
     use crate::journal::Journal;
+    use crate::metrics::tests::value;
     use crate::state::JobConfig;
     use proto::metrics::local_recorder;
     use proto::wire::{CheckpointRef, Role, WorkerState};
@@ -481,14 +482,6 @@ mod tests {
         })
         .unwrap();
         core.detach(&id, session);
-    }
-
-    fn value(text: &str, prefix: &str) -> f64 {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"));
-        line.rsplit(' ').next().unwrap().parse().unwrap()
     }
 
     const COMMITS: &str = "declip_checkpoint_commits_total ";
