@@ -70,12 +70,22 @@ fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, limit: Duration) -> 
     );
 }
 
+/// The file that releases rank 0 from its hold after the second checkpoint.
+fn release_gate(dir: &Path) -> std::path::PathBuf {
+    dir.join("release-rank-0")
+}
+
+/// `worker teach|train` in `dir`. Trainers hold after their second committed checkpoint
+/// (step 12) until [`release_gate`] exists, so the coordinator dies while the job is
+/// mid-run however fast the machine is (only rank 0 writes checkpoints).
 fn worker(dir: &Path, command: &str, addr: &str, log: &str) -> Child {
     let log = std::fs::File::create(dir.join(log)).unwrap();
+    let hold = proto::faults::hold_at(proto::faults::CHECKPOINT_WRITTEN, 2, &release_gate(dir));
     binary("worker")
         .current_dir(dir)
         .args([command, "--coordinator", addr, "--device", "cpu"])
         .env(proto::auth::TOKEN_ENV, TOKEN)
+        .env(proto::faults::ENV, hold)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -145,6 +155,7 @@ fn a_sigkilled_coordinator_resumes_from_its_journal_and_the_job_completes() {
         "the restarted coordinator should say it replayed its journal:\n{}",
         seen.join("\n")
     );
+    std::fs::write(release_gate(dir.path()), b"").expect("release rank 0");
     let status = wait_exit(
         &mut second,
         Duration::from_secs(600),

@@ -144,11 +144,24 @@ impl Coordinator {
 
 /// `worker teach|train --coordinator ADDR` in `dir`, stdout and stderr into `dir/log`.
 fn worker(procs: &mut Processes, dir: &Path, command: &str, addr: &str, log: &str) -> usize {
+    worker_with(procs, dir, command, addr, log, &[])
+}
+
+/// [`worker`] with extra environment variables.
+fn worker_with(
+    procs: &mut Processes,
+    dir: &Path,
+    command: &str,
+    addr: &str,
+    log: &str,
+    env: &[(&str, String)],
+) -> usize {
     let log = std::fs::File::create(dir.join(log)).expect("create the worker log");
     let child = binary("worker")
         .current_dir(dir)
         .args([command, "--coordinator", addr, "--device", "cpu"])
         .env(proto::auth::TOKEN_ENV, TOKEN)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(log.try_clone().expect("clone the log handle"))
         .stderr(log)
         .spawn()
@@ -300,8 +313,7 @@ fn size_of(file: &Path) -> u64 {
 fn a_teacher_killed_mid_shard_leaves_nothing_visible_and_another_completes_the_shard() {
     let dir = tempfile::tempdir().unwrap();
     let mut procs = Processes::default();
-    // One shard of 32 images (seconds of teacher work, also on an idle machine: the kill
-    // must land before the last record), leases of 3 s.
+    // One shard of 32 images, leases of 3 s.
     let coordinator = Coordinator::serve(
         &mut procs,
         dir.path(),
@@ -316,17 +328,26 @@ fn a_teacher_killed_mid_shard_leaves_nothing_visible_and_another_completes_the_s
     let cache = cache_dir(&run);
     let final_file = shard_path(&cache, 0);
 
-    let a = worker(
+    // Teacher A holds after its third record until a file that never appears exists:
+    // it cannot finish the shard before the kill, however fast the machine is.
+    let never = dir.path().join("never-released");
+    let a = worker_with(
         &mut procs,
         dir.path(),
         "teach",
         &coordinator.addr,
         "teacher-a.log",
+        &[(
+            proto::faults::ENV,
+            proto::faults::hold_at(proto::faults::RECORD_WRITTEN, 3, &never),
+        )],
     );
     let a_pid = procs.get(a).id();
     let a_temp = cache.join(format!("{}{a_pid}", temp_prefix(0)));
     // Mid-shard: the coordinator shows A holding shard 0, and A's temporary already holds
     // records (more than the 16-byte prefix) but the shard is not published.
+    // The lease is seen at any time before it lapses during the hold; remembered once seen.
+    let mut seen_lease = false;
     wait_until("teacher A to be mid-shard", || {
         assert!(
             !final_file.exists(),
@@ -340,7 +361,8 @@ fn a_teacher_killed_mid_shard_leaves_nothing_visible_and_another_completes_the_s
                     .is_some_and(|t| t.iter().any(|t| t["worker_id"] == "w1" && t["shard"] == 0))
             })
         };
-        size_of(&a_temp) > 16 && leased()
+        seen_lease = seen_lease || leased();
+        size_of(&a_temp) > 16 && seen_lease
     });
     procs.get(a).kill().expect("SIGKILL teacher A");
     procs.get(a).wait().expect("reap teacher A");

@@ -20,6 +20,7 @@ pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod dataset;
+pub mod faults;
 pub mod job;
 pub mod metrics;
 pub mod plan;

@@ -207,6 +207,8 @@ fn spec(full: bool, batch: usize) -> Result<JobSpec, String> {
         format!("train.batch_size={batch}"),
         "trainers.min=1".into(),
         "trainers.max=1".into(),
+        // The step takes its targets from the trainer's own teachers.
+        "teachers.mode=\"online\"".into(),
     ];
     let source = if full {
         // bench/gpu.sh passes the carried copy; the build machine's path is the fallback.

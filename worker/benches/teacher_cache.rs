@@ -226,7 +226,7 @@ fn step_times() {
     // Fill the cache once; each cache run gets a copy, so it only reads.
     let spec = demo_spec(cache_src.path(), &base);
     let source = worker::data::job_source::job_source(&spec).expect("source");
-    worker::train::run::prepare_cache(&spec, Device::Cpu, &source).expect("cache");
+    worker::train::standalone::prepare_cache(&spec, Device::Cpu, &source).expect("cache");
     for _ in 0..RUNS {
         for mode in ["online", "cache"] {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -236,7 +236,8 @@ fn step_times() {
             let mut sets = base.to_vec();
             sets.push(format!("teachers.mode={mode:?}"));
             let spec = demo_spec(dir.path(), &sets);
-            let summary = worker::train::run::run_standalone(&spec, Device::Cpu).expect("run");
+            let summary =
+                worker::train::standalone::run_standalone(&spec, Device::Cpu).expect("run");
             let per_step = summary.loop_wall.as_secs_f64() / summary.steps_run as f64;
             if mode == "cache" {
                 &mut cached

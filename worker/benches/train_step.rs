@@ -59,6 +59,8 @@ fn spec(name: &str, batch: usize) -> job::JobSpec {
             format!("train.batch_size={batch}"),
             "trainers.min=1".into(),
             "trainers.max=1".into(),
+            // The step takes its targets from the trainer's own teachers.
+            "teachers.mode=\"online\"".into(),
         ];
         v.extend(extra.iter().map(|s| s.to_string()));
         v

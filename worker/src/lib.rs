@@ -7,6 +7,7 @@ pub mod comm;
 pub mod control;
 pub mod data;
 pub mod distill;
+pub mod faults;
 pub mod geometry;
 pub mod model;
 pub mod runtime;

@@ -202,6 +202,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::init_logging(&cli.log);
     tracing::info!("{}", info.summary());
+    if let Err(err) = worker::faults::install_from_env() {
+        eprintln!("error: {err}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     match run(cli, info) {
         Ok(code) => code,
         Err(err) => {
@@ -236,7 +240,7 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
                 "worker train needs --coordinator ADDR (the job comes from the coordinator) or --standalone"
             );
             let device = select(device.as_deref().unwrap_or(&job.trainers.device), info)?;
-            let summary = worker::train::run::run_standalone(&job, device)?;
+            let summary = worker::train::standalone::run_standalone(&job, device)?;
             print_summary(&summary);
             Ok(ExitCode::SUCCESS)
         }
@@ -365,7 +369,7 @@ fn run(cli: Cli, info: &runtime::RuntimeInfo) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn print_summary(s: &worker::train::run::RunSummary) {
+fn print_summary(s: &worker::train::standalone::RunSummary) {
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
     let n = s.losses.len().min(20);
     println!(

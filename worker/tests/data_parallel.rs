@@ -37,7 +37,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const GRADIENT_TOLERANCE: f64 = 1e-5;
 
 fn spec(micro: Option<usize>) -> JobSpec {
-    let mut spec = common::tiny_job(224, 196);
+    let mut spec = common::tiny_online_job(224, 196);
     spec.train.micro_batch_size = micro;
     spec
 }

@@ -218,7 +218,7 @@ fn inspect_losses_equal_the_training_steps_on_the_same_inputs() {
         .collect();
 
     // The trainer's step on the fixture's (PyTorch-made) inputs.
-    let spec = common::tiny_job(224, 196);
+    let spec = common::tiny_online_job(224, 196);
     let mut trainer = worker::train::trainer::Trainer::new(&spec, tch::Device::Cpu, 6).unwrap();
     let batch = common::train_step_batch(&fx);
     let targets = trainer.online_targets(&batch).unwrap();

@@ -18,7 +18,7 @@ use worker::teacher::cache::{CacheError, CacheStore, ShardReader};
 use worker::teacher::compress::Storage;
 use worker::teacher::models::TeacherModels;
 use worker::teacher::shard::write_shard;
-use worker::train::run::run_standalone;
+use worker::train::standalone::run_standalone;
 
 /// A demo-like job small enough for 2 cores: 12 synthetic images in shards of 6, 4x4
 /// patch grids, 2 epochs of batch 2, 4 steps.

@@ -93,7 +93,14 @@ fn a_killed_run_resumes_to_bitwise_the_same_weights() {
     stdout_of(&train(whole.path(), SHORT).output().unwrap());
 
     let broken = tempfile::tempdir().unwrap();
+    // The run holds after its first checkpoint (step 4) until a file that never appears
+    // exists, so the kill lands at step 4 however fast or loaded the machine is.
+    let never = broken.path().join("never-released");
     let mut child = train(broken.path(), SHORT)
+        .env(
+            proto::faults::ENV,
+            proto::faults::hold_at(proto::faults::CHECKPOINT_WRITTEN, 1, &never),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

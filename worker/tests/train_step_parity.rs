@@ -30,7 +30,7 @@ const GRADIENT_TOLERANCE: f64 = 5e-5;
 const FORWARD_TOLERANCE: f64 = 1e-5;
 
 fn trainer() -> Trainer {
-    Trainer::new(&common::tiny_job(224, 196), tch::Device::Cpu, 6).expect("trainer")
+    Trainer::new(&common::tiny_online_job(224, 196), tch::Device::Cpu, 6).expect("trainer")
 }
 
 #[test]

@@ -2,15 +2,14 @@
 //! without a coordinator. Shards with a usable file (same fingerprint) are kept.
 
 use std::ops::Range;
-use std::path::Path;
 
 use anyhow::Context;
 use proto::job::JobSpec;
-use proto::plan::order::Shards;
 use tch::Device;
 use worker::data::source::ImageSource;
+use worker::teacher::job_cache::JobCache;
 use worker::teacher::models::TeacherModels;
-use worker::teacher::shard::{ensure_shard, ShardOutcome};
+use worker::teacher::shard::ShardOutcome;
 
 /// Parses `A..B` (shards A to B-1) or `A` (one shard).
 pub fn parse_shards(text: &str) -> anyhow::Result<Range<u32>> {
@@ -36,8 +35,8 @@ pub fn teach_standalone(
     device: Device,
 ) -> anyhow::Result<()> {
     let source = worker::data::job_source::job_source(spec).context("opening the dataset")?;
-    let shards = Shards::new(source.image_count(), spec.data.shard_size as u32)
-        .context("planning shards")?;
+    let cache = JobCache::of(spec, source.image_count()).context("planning shards")?;
+    let shards = cache.shards;
     let wanted = only.unwrap_or(0..shards.len());
     anyhow::ensure!(
         wanted.end <= shards.len(),
@@ -48,7 +47,7 @@ pub fn teach_standalone(
         shards.len()
     );
     let models = TeacherModels::new(spec, device).context("building the teachers")?;
-    let dir = proto::cache::cache_dir(Path::new(&spec.job.run_dir));
+    let dir = &cache.dir;
     tracing::info!(
         "teacher fingerprint {}; writing shards {}..{} of {} into {}",
         models.fingerprint(),
@@ -58,12 +57,13 @@ pub fn teach_standalone(
         dir.display()
     );
     for shard in wanted {
-        let outcome = ensure_shard(spec, &models, &source, &shards, shard, &dir)
+        let outcome = cache
+            .ensure(spec, &models, &source, shard)
             .with_context(|| format!("shard {shard}"))?;
         match outcome {
             ShardOutcome::Present { shard } => println!(
                 "shard {shard} present {}",
-                proto::cache::shard_path(&dir, shard).display()
+                proto::cache::shard_path(dir, shard).display()
             ),
             ShardOutcome::Written(w) => println!(
                 "shard {shard} written {} sha256 {} bytes {} images {}",

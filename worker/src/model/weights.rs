@@ -316,6 +316,18 @@ fn eva_from_timm(key: &str) -> String {
     name
 }
 
+/// Every variable of `vs` as a detached, contiguous CPU tensor, sorted by name (the
+/// layout checkpoints and exports are written in).
+pub fn sorted_cpu(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut out: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).contiguous()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,10 +6,12 @@
 //! - [`cache`]: the shard file writer (atomic), reader (memory-mapped, checked) and the
 //!   trainer's [`cache::CacheStore`].
 //! - [`shard`]: one teacher task, [`shard::write_shard`].
+//! - [`job_cache`]: a job's cache directory and shard plan, as trainers open it.
 //! - [`pool`]: a teacher under a coordinator: lease, compute, publish, complete.
 
 pub mod cache;
 pub mod compress;
+pub mod job_cache;
 pub mod models;
 pub mod pool;
 pub mod shard;

@@ -8,6 +8,7 @@ use super::TeacherError;
 use crate::data::image::Normalization;
 use crate::distill::step::{OnlineTeachers, Targets};
 use crate::model::towers::{build_student, build_vfm};
+use crate::model::weights::sorted_cpu;
 
 /// Version of the teacher-side preprocessing (resize kernel, crop cutting, padding).
 /// Bump it when `data::image` or `data::sample` changes what a teacher sees.
@@ -28,7 +29,8 @@ impl TeacherModels {
     /// random initialisation) and hashes them.
     pub fn new(spec: &JobSpec, device: Device) -> Result<Self, TeacherError> {
         let (mut crop_vs, crop_teacher, _) = build_student(&spec.model.student, None, device)?;
-        let (mut vfm_vs, vfm, _) = build_vfm(&spec.model.vfm, None, device)?;
+        let (mut vfm_vs, vfm, vfm_source) = build_vfm(&spec.model.vfm, None, device)?;
+        tracing::info!("VFM: {vfm_source}");
         crop_vs.freeze();
         vfm_vs.freeze();
         let fingerprint = fingerprint(spec, &crop_vs, &vfm_vs);
@@ -43,6 +45,12 @@ impl TeacherModels {
     /// 64 hex digits; equal fingerprints mean equal cached values.
     pub fn fingerprint(&self) -> String {
         self.fingerprint.clone()
+    }
+
+    /// The crop teacher's weights, which are the student's original ones: every
+    /// variable, detached, on the CPU, sorted by name.
+    pub fn original_student(&self) -> Vec<(String, Tensor)> {
+        sorted_cpu(&self._stores.0)
     }
 
     pub fn device(&self) -> Device {

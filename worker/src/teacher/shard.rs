@@ -14,6 +14,7 @@ use super::models::TeacherModels;
 use super::TeacherError;
 use crate::data::sample::{self, Resolutions};
 use crate::data::source::ImageSource;
+use crate::faults;
 
 /// Images whose features fit the PCA basis and decide `auto` (the shard's first ones).
 pub const FIT_IMAGES: usize = 4;
@@ -73,6 +74,7 @@ pub fn write_shard(
                     pca.as_ref(),
                     crop_dtype,
                 )?);
+                faults::hold(faults::RECORD_WRITTEN);
             }
         }
         if !progress(done as u32 + 1) {

@@ -1,5 +1,6 @@
 //! One trainer's state and its optimizer step: the student being fine-tuned, the
-//! frozen teachers (online mode), AdamW and the schedule.
+//! frozen teachers (online mode only; in cache mode the student's original weights,
+//! for exports), AdamW and the schedule.
 //!
 //! A step takes the micro-batches that make up this trainer's share of the global
 //! batch and this trainer's item counts. With a [`Collective`] the counts and the loss
@@ -10,7 +11,7 @@
 
 use std::time::Instant;
 
-use proto::job::JobSpec;
+use proto::job::{JobSpec, TeacherMode};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::checkpoint::CheckpointState;
@@ -22,11 +23,13 @@ use crate::comm::buckets::{GradBuckets, WireDtype, DEFAULT_CAP_BYTES};
 use crate::comm::{Collective, CommError};
 use crate::data::sample::Batch;
 use crate::distill::losses::LossWeights;
-use crate::distill::step::{self, OnlineTeachers, StepConfig, Targets};
+use crate::distill::step::{self, StepConfig, Targets};
 use crate::model::decoupled::{DecoupledConfig, DecoupledTower};
-use crate::model::towers::{build_student, build_vfm, Student, WeightsSource};
-use crate::model::weights::WeightsError;
+use crate::model::towers::{build_student, Student};
+use crate::model::weights::{sorted_cpu, WeightsError};
 use crate::model::ModelError;
+use crate::teacher::models::TeacherModels;
+use crate::teacher::TeacherError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -46,6 +49,10 @@ pub enum TrainError {
     Export(#[from] ExportError),
     #[error("{0}")]
     Precision(String),
+    #[error(transparent)]
+    Teacher(#[from] TeacherError),
+    #[error("this trainer has no teachers: the job reads its targets from the teacher cache (teachers.mode = \"cache\")")]
+    NoTeachers,
     #[error("collective: {0}")]
     Comm(#[from] CommError),
     #[error("weights diverged at step {step}: rank(s) {ranks:?} differ from rank 0")]
@@ -81,9 +88,9 @@ pub struct Trainer {
     device: Device,
     student_vs: nn::VarStore,
     pub student: Student,
-    /// Frozen copies; kept alive for `teachers`.
-    _teacher_vs: (nn::VarStore, nn::VarStore),
-    pub teachers: OnlineTeachers,
+    frozen: Frozen,
+    /// The VFM's patch size (its token grid sets the context loss's rows).
+    vfm_patch: usize,
     pub optimizer: AdamW,
     pub schedule: WarmupCosine,
     step_cfg: StepConfig,
@@ -91,11 +98,20 @@ pub struct Trainer {
     precision: Mode,
     /// Loss scaling for fp16 autocast.
     scaler: Option<LossScaler>,
-    pub sources: (WeightsSource, WeightsSource),
     /// Flat gradient buffers; made at the first step with a collective.
     buckets: Option<GradBuckets>,
     /// How gradients travel in the all-reduce.
     grad_wire: WireDtype,
+}
+
+/// What a trainer keeps frozen besides the student.
+enum Frozen {
+    /// Online mode: both teachers, run on every batch. The crop teacher is the
+    /// student's original weights, which exports merge with.
+    Teachers(Box<TeacherModels>),
+    /// Cache mode (targets come from the teacher cache): only the student's original
+    /// weights, sorted by name, on the CPU, for exports.
+    Original(Vec<(String, Tensor)>),
 }
 
 /// Seconds per phase of one step, summed over micro-batches.
@@ -108,15 +124,16 @@ struct Timings {
 }
 
 impl Trainer {
-    /// Builds student, teachers and optimizer for `spec` on `device`;
+    /// Builds student, optimizer and (online mode) teachers for `spec` on `device`;
     /// `total_steps` sizes the cosine schedule.
     pub fn new(spec: &JobSpec, device: Device, total_steps: u64) -> Result<Self, TrainError> {
         let (student_vs, student, student_source) =
             build_student(&spec.model.student, None, device)?;
-        let (mut teacher_vs, crop_teacher, _) = build_student(&spec.model.student, None, device)?;
-        let (mut vfm_vs, vfm, vfm_source) = build_vfm(&spec.model.vfm, None, device)?;
-        teacher_vs.freeze();
-        vfm_vs.freeze();
+        let frozen = match spec.teachers.mode {
+            TeacherMode::Online => Frozen::Teachers(Box::new(TeacherModels::new(spec, device)?)),
+            // Before any step, the student's weights are the original ones.
+            TeacherMode::Cache => Frozen::Original(sorted_cpu(&student_vs)),
+        };
         let mode = spec.model.student.decoupled.unwrap_or_default();
         let split = TrainableSplit::new(DecoupledTower::arch(&student), mode);
         let mut variables: Vec<(String, Tensor)> = student_vs.variables().into_iter().collect();
@@ -144,8 +161,8 @@ impl Trainer {
             device,
             student_vs,
             student,
-            _teacher_vs: (teacher_vs, vfm_vs),
-            teachers: OnlineTeachers { crop_teacher, vfm },
+            frozen,
+            vfm_patch: spec.model.vfm.arch().patch_size,
             optimizer: AdamW::new(
                 AdamWConfig {
                     betas: (train.betas[0], train.betas[1]),
@@ -172,7 +189,6 @@ impl Trainer {
             },
             precision,
             scaler: (precision == Mode::Fp16).then(LossScaler::default),
-            sources: (student_source, vfm_source),
             buckets: None,
             grad_wire: WireDtype::F32,
         })
@@ -197,15 +213,19 @@ impl Trainer {
 
     /// Affinity rows per image (VFM grid tokens) for `vfm_resolution`-pixel inputs.
     pub fn rows_per_image(&self, vfm_resolution: usize) -> i64 {
-        let side = (vfm_resolution / self.teachers.vfm.arch().patch_size) as i64;
+        let side = (vfm_resolution / self.vfm_patch) as i64;
         side * side
     }
 
-    /// The teachers' targets for a batch (online mode).
+    /// The teachers' targets for a batch (online mode; [`TrainError::NoTeachers`] in
+    /// cache mode).
     pub fn online_targets(&self, batch: &Batch) -> Result<Targets, TrainError> {
-        let crops = batch.crop_inputs.to_device(self.device);
-        let vfm = batch.vfm_inputs.to_device(self.device);
-        Ok(self.teachers.targets(&crops, &vfm)?)
+        match &self.frozen {
+            Frozen::Teachers(teachers) => {
+                Ok(teachers.targets(&batch.crop_inputs, &batch.vfm_inputs)?)
+            }
+            Frozen::Original(_) => Err(TrainError::NoTeachers),
+        }
     }
 
     /// Forward and backward of one micro-batch; gradients accumulate. Returns this
@@ -429,13 +449,6 @@ impl Trainer {
         }
     }
 
-    /// The fingerprint of this trainer's frozen teachers, as teachers compute it for
-    /// their cache files (same weights, same configuration: same fingerprint).
-    pub fn teacher_fingerprint(&self, spec: &JobSpec) -> String {
-        let (crop_vs, vfm_vs) = &self._teacher_vs;
-        crate::teacher::models::fingerprint(spec, crop_vs, vfm_vs)
-    }
-
     /// The student's weights (every tensor, model names), CPU.
     pub fn student_tensors(&self) -> Vec<(String, Tensor)> {
         sorted_cpu(&self.student_vs)
@@ -502,8 +515,15 @@ impl Trainer {
 
     /// `alpha·student + (1−alpha)·original` in the original key layout.
     pub fn merged_export(&self, alpha: f64) -> Result<Vec<(String, Tensor)>, TrainError> {
-        let original = sorted_cpu(&self._teacher_vs.0);
-        Ok(export::merge(&self.student_tensors(), &original, alpha)?)
+        let copied;
+        let original: &[(String, Tensor)] = match &self.frozen {
+            Frozen::Teachers(teachers) => {
+                copied = teachers.original_student();
+                &copied
+            }
+            Frozen::Original(original) => original,
+        };
+        Ok(export::merge(&self.student_tensors(), original, alpha)?)
     }
 }
 
@@ -548,14 +568,4 @@ fn broadcast_tensors(
         start = end;
     }
     Ok(())
-}
-
-fn sorted_cpu(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut out: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).contiguous()))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }

@@ -188,6 +188,14 @@ pub fn tiny_job(student_resolution: usize, vfm_resolution: usize) -> proto::job:
         .spec
 }
 
+/// The tiny job with the teachers run by the trainer (online mode): for tests that
+/// take targets from [`Trainer::online_targets`](worker::train::trainer::Trainer::online_targets).
+pub fn tiny_online_job(student_resolution: usize, vfm_resolution: usize) -> proto::job::JobSpec {
+    let mut spec = tiny_job(student_resolution, vfm_resolution);
+    spec.teachers.mode = proto::job::TeacherMode::Online;
+    spec
+}
+
 /// RoI boxes from rows `[batch, x0, y0, x1, y1]` of a [K,5] tensor.
 pub fn roi_boxes(rows: &Tensor) -> Vec<worker::distill::roi_align::RoiBox> {
     (0..rows.size()[0])
