@@ -678,12 +678,13 @@ fn with_cpu_slice<R>(
     }
     let n = buf.numel();
     let ptr = buf.data_ptr();
-    // SAFETY: a contiguous CPU tensor of `n` elements of the matched kind starts at
-    // `ptr`; `buf` is borrowed mutably for the whole call, so nothing else touches it.
     match buf.kind() {
+        // SAFETY: a contiguous CPU tensor of `n` f32 elements starts at `ptr`; `buf`
+        // is borrowed mutably for the whole call, so nothing else touches it.
         Kind::Float => Ok(f32_op(unsafe {
             std::slice::from_raw_parts_mut(ptr.cast::<f32>(), n)
         })),
+        // SAFETY: as above, with `n` f64 elements.
         Kind::Double => Ok(f64_op(unsafe {
             std::slice::from_raw_parts_mut(ptr.cast::<f64>(), n)
         })),

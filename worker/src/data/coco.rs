@@ -150,12 +150,12 @@ pub fn skip_reason(err: &ImageError) -> SkipReason {
 
 impl CocoSource {
     fn entry(&self, index: u32) -> Result<&ImageEntry, SampleError> {
-        self.index.get(index).ok_or_else(|| {
-            SampleError::Batch(format!(
-                "sample index {index} is outside the dataset of {} images",
-                self.index.len()
-            ))
-        })
+        self.index
+            .get(index)
+            .ok_or_else(|| SampleError::OutOfRange {
+                index,
+                images: self.index.len(),
+            })
     }
 }
 

@@ -5,6 +5,7 @@ use proto::dataset::{SkipCounts, SkippedImage};
 use proto::plan::crops::CropError;
 
 use super::image::ImageError;
+use super::tensor::TensorError;
 
 /// Why a sample could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -13,8 +14,15 @@ pub enum SampleError {
     Image { image_id: u64, source: ImageError },
     #[error("image {image_id}: {source}")]
     Crop { image_id: u64, source: CropError },
-    #[error("cannot assemble a batch: {0}")]
-    Batch(String),
+    #[error("cannot assemble a batch")]
+    Batch(#[from] TensorError),
+    #[error("sample index {index} is outside the dataset of {images} images")]
+    OutOfRange { index: u32, images: usize },
+    /// A cache-mode sample was prepared without its index and key (a caller bug).
+    #[error("a cache-mode sample needs its index and key: call prepare_read")]
+    NeedsRead,
+    #[error("every one of the {images} images of the index was skipped ({counts})")]
+    NothingUsable { images: u32, counts: SkipCounts },
     /// A bad image (missing, truncated, ...): skipped, never fatal on its own.
     #[error("skipped {0}")]
     Skipped(SkippedImage),

@@ -166,9 +166,7 @@ impl Prepare for CachePrep {
         epoch: u32,
     ) -> Result<CachedSample, SampleError> {
         let _ = (image, image_id, epoch);
-        Err(SampleError::Batch(
-            "a cache-mode sample needs its index and key: call prepare_read".into(),
-        ))
+        Err(SampleError::NeedsRead)
     }
 
     fn prepare_read(

@@ -12,7 +12,7 @@ use tch::Tensor;
 pub use super::error::SampleError;
 use super::image::{self, Normalization, Placement, RgbImage};
 use super::source::SourceImage;
-use super::tensor::batch;
+use super::tensor::{batch, TensorError};
 use crate::geometry::RoiBox;
 
 /// Input sizes of one job (pixels).
@@ -140,7 +140,7 @@ pub fn crop_inputs(
         let boxed = image::letterbox(&cut, res.crop, Placement::Centred).map_err(image_err)?;
         inputs.push(boxed.to_input_tensor(&Normalization::CLIP));
     }
-    batch(&inputs).map_err(|e| SampleError::Batch(e.to_string()))
+    Ok(batch(&inputs)?)
 }
 
 /// The crops of `img` for `epoch` under `plan`: their RoI boxes on the student grid
@@ -240,7 +240,7 @@ pub fn collate_cached(
     let (v, c) = (i64::from(res.vfm), i64::from(res.crop));
     let batch = Batch {
         image_ids: samples.iter().map(|s| s.record.image_id).collect(),
-        student_inputs: batch(&student).map_err(|e| SampleError::Batch(e.to_string()))?,
+        student_inputs: batch(&student)?,
         vfm_inputs: Tensor::zeros([0, 3, v, v], (tch::Kind::Float, tch::Device::Cpu)),
         rois,
         crop_inputs: Tensor::zeros([0, 3, c, c], (tch::Kind::Float, tch::Device::Cpu)),
@@ -274,7 +274,6 @@ impl Batch {
 
 /// Stacks samples into a batch.
 pub fn collate(samples: Vec<Sample>) -> Result<Batch, SampleError> {
-    let err = |e: super::tensor::TensorError| SampleError::Batch(e.to_string());
     let mut rois = Vec::new();
     for (index, s) in samples.iter().enumerate() {
         rois.extend(s.grid_boxes.iter().map(|b| RoiBox { batch: index, ..*b }));
@@ -293,9 +292,9 @@ pub fn collate(samples: Vec<Sample>) -> Result<Batch, SampleError> {
         .collect();
     Ok(Batch {
         image_ids: samples.iter().map(|s| s.image_id).collect(),
-        student_inputs: batch(&student).map_err(err)?,
-        vfm_inputs: batch(&vfm).map_err(err)?,
+        student_inputs: batch(&student)?,
+        vfm_inputs: batch(&vfm)?,
         rois,
-        crop_inputs: Tensor::f_cat(&crops, 0).map_err(|e| SampleError::Batch(e.to_string()))?,
+        crop_inputs: Tensor::f_cat(&crops, 0).map_err(TensorError::from)?,
     })
 }

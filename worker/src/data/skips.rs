@@ -153,10 +153,10 @@ impl<S: ImageSource> ImageSource for SkippingSource<S> {
                 other => return other,
             }
         }
-        Err(SampleError::Batch(format!(
-            "every one of the {n} images of the index was skipped ({})",
-            self.counts()
-        )))
+        Err(SampleError::NothingUsable {
+            images: n,
+            counts: self.counts(),
+        })
     }
 
     fn skip_counts(&self) -> SkipCounts {

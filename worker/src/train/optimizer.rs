@@ -19,6 +19,18 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+/// A parameter to train, as [`AdamW::new`] takes it.
+#[derive(Debug)]
+pub struct TrainedParam {
+    pub name: String,
+    /// The tensor (requires grad) the update writes into.
+    pub param: Tensor,
+    /// Whether weight decay applies to it.
+    pub decay: bool,
+    /// Rows of a fused tensor that must never change.
+    pub frozen_rows: Option<FrozenRows>,
+}
+
 /// One trained parameter and its moments.
 #[derive(Debug)]
 pub struct ParamState {
@@ -41,20 +53,17 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// `params`: (name, tensor with requires_grad, decay?, frozen rows).
-    pub fn new(
-        config: AdamWConfig,
-        params: Vec<(String, Tensor, bool, Option<FrozenRows>)>,
-    ) -> Self {
+    /// AdamW over `params`, with zero moments.
+    pub fn new(config: AdamWConfig, params: Vec<TrainedParam>) -> Self {
         let params = params
             .into_iter()
-            .map(|(name, param, decay, frozen_rows)| ParamState {
-                exp_avg: param.zeros_like(),
-                exp_avg_sq: param.zeros_like(),
-                name,
-                param,
-                decay,
-                frozen_rows,
+            .map(|p| ParamState {
+                exp_avg: p.param.zeros_like(),
+                exp_avg_sq: p.param.zeros_like(),
+                name: p.name,
+                param: p.param,
+                decay: p.decay,
+                frozen_rows: p.frozen_rows,
             })
             .collect();
         Self {
@@ -160,7 +169,12 @@ mod tests {
                 eps: 1e-8,
                 weight_decay: 0.0,
             },
-            vec![("w".into(), p.shallow_clone(), false, None)],
+            vec![TrainedParam {
+                name: "w".into(),
+                param: p.shallow_clone(),
+                decay: false,
+                frozen_rows: None,
+            }],
         );
         (&p * Tensor::from_slice(&[3.0f32, -0.5]))
             .sum(Kind::Float)
@@ -184,12 +198,12 @@ mod tests {
                 eps: 1e-8,
                 weight_decay: 0.1,
             },
-            vec![(
-                "in_proj".into(),
-                p.shallow_clone(),
-                true,
-                Some(FrozenRows { start: 1, len: 1 }),
-            )],
+            vec![TrainedParam {
+                name: "in_proj".into(),
+                param: p.shallow_clone(),
+                decay: true,
+                frozen_rows: Some(FrozenRows { start: 1, len: 1 }),
+            }],
         );
         p.sum(Kind::Float).backward();
         opt.step(0.1);

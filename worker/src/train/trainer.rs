@@ -16,7 +16,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::checkpoint::CheckpointState;
 use super::export::{self, ExportError};
-use super::optimizer::{AdamW, AdamWConfig, WarmupCosine};
+use super::optimizer::{AdamW, AdamWConfig, TrainedParam, WarmupCosine};
 use super::params::{ParamRole, TrainableSplit};
 use super::precision::{LossScaler, Mode};
 use crate::comm::buckets::{GradBuckets, WireDtype, DEFAULT_CAP_BYTES};
@@ -144,13 +144,15 @@ impl Trainer {
                 ParamRole::Frozen => {
                     let _ = tensor.set_requires_grad(false);
                 }
-                role => {
-                    let rows = split.frozen_rows(&name);
-                    trained.push((name, tensor, role == ParamRole::Decay, rows));
-                }
+                role => trained.push(TrainedParam {
+                    frozen_rows: split.frozen_rows(&name),
+                    decay: role == ParamRole::Decay,
+                    name,
+                    param: tensor,
+                }),
             }
         }
-        let count: i64 = trained.iter().map(|(_, t, _, _)| t.numel() as i64).sum();
+        let count: i64 = trained.iter().map(|p| p.param.numel() as i64).sum();
         tracing::info!(
             "student: {student_source}; {count} trainable parameters in {} tensors",
             trained.len()

@@ -45,8 +45,10 @@ pub enum DistributedError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Comm(#[from] CommError),
-    #[error("the coordinator sent a job spec this worker cannot read: {0}")]
-    BadSpec(String),
+    #[error("the coordinator sent a job spec this worker cannot read")]
+    UnreadableSpec(#[source] toml::de::Error),
+    #[error("the job spec's hash here is {here} but the coordinator's is {coordinator} (another version of the job schema?)")]
+    SpecHashMismatch { here: String, coordinator: String },
     #[error("the dataset here has {here} images but the coordinator planned {coordinator}: every process must see the same data")]
     DatasetMismatch { here: u64, coordinator: u64 },
 }
@@ -85,14 +87,12 @@ pub enum TrainerExit {
 
 /// The job spec the coordinator sent, checked against its hash.
 pub fn job_from_registration(r: &wire::RegisterResponse) -> Result<JobSpec, DistributedError> {
-    let spec: JobSpec =
-        toml::from_str(&r.job_toml).map_err(|e| DistributedError::BadSpec(e.to_string()))?;
+    let spec: JobSpec = toml::from_str(&r.job_toml).map_err(DistributedError::UnreadableSpec)?;
     if spec.hash_hex() != r.job_hash {
-        return Err(DistributedError::BadSpec(format!(
-            "hash {} differs from the coordinator's {} (another version of the job schema?)",
-            spec.hash_hex(),
-            r.job_hash
-        )));
+        return Err(DistributedError::SpecHashMismatch {
+            here: spec.hash_hex(),
+            coordinator: r.job_hash.clone(),
+        });
     }
     Ok(spec)
 }
