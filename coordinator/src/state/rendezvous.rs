@@ -32,22 +32,23 @@ impl World {
     }
 }
 
-/// The world size to form now, if any: `max` as soon as `max` trainers wait, `min` (or
-/// more) once they have waited `join_wait`.
+/// The world size to form now, if any: `max` as soon as `max` trainers wait, otherwise,
+/// once they have waited `join_wait`, as many of the idle ones (at least `min`) as make a
+/// world that `fits` (the global batch splits evenly over it, see
+/// `proto::plan::order::world_fits`).
 pub fn world_size(
     idle: usize,
     min: usize,
     max: usize,
     waited: Duration,
     join_wait: Duration,
+    fits: impl Fn(usize) -> bool,
 ) -> Option<usize> {
-    if idle >= max {
-        Some(max)
-    } else if idle >= min && waited >= join_wait {
-        Some(idle)
-    } else {
-        None
+    let ready = idle >= max || (idle >= min && waited >= join_wait);
+    if !ready {
+        return None;
     }
+    (min..=idle.min(max)).rev().find(|&size| fits(size))
 }
 
 /// Ranks for the first `size` candidates (in the order given): a candidate whose hint is a
@@ -84,11 +85,25 @@ mod tests {
     fn forms_at_max_at_once_and_at_min_after_the_wait() {
         let wait = Duration::from_secs(10);
         let none = Duration::ZERO;
-        assert_eq!(world_size(1, 2, 4, wait, wait), None);
-        assert_eq!(world_size(2, 2, 4, none, wait), None);
-        assert_eq!(world_size(3, 2, 4, wait, wait), Some(3));
-        assert_eq!(world_size(4, 2, 4, none, wait), Some(4));
-        assert_eq!(world_size(6, 2, 4, none, wait), Some(4));
+        let any = |_: usize| true;
+        assert_eq!(world_size(1, 2, 4, wait, wait, any), None);
+        assert_eq!(world_size(2, 2, 4, none, wait, any), None);
+        assert_eq!(world_size(3, 2, 4, wait, wait, any), Some(3));
+        assert_eq!(world_size(4, 2, 4, none, wait, any), Some(4));
+        assert_eq!(world_size(6, 2, 4, none, wait, any), Some(4));
+    }
+
+    #[test]
+    fn a_world_that_would_not_split_the_batch_is_not_formed() {
+        let wait = Duration::from_secs(10);
+        // Global batch 8: three idle trainers form a world of two, not three.
+        let batch_of_8 = |w: usize| proto::plan::order::world_fits(8, None, w);
+        assert_eq!(world_size(3, 2, 4, wait, wait, batch_of_8), Some(2));
+        assert_eq!(world_size(5, 2, 8, wait, wait, batch_of_8), Some(4));
+        // Micro-batches of 2: a world of 4 gives each rank 2 images, a world of 8 one.
+        let micro_2 = |w: usize| proto::plan::order::world_fits(8, Some(2), w);
+        assert_eq!(world_size(8, 2, 8, wait, wait, micro_2), Some(4));
+        assert_eq!(world_size(1, 1, 8, wait, wait, micro_2), Some(1));
     }
 
     #[test]

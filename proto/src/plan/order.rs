@@ -194,6 +194,16 @@ pub fn global_batch(
     Ok(plan.epoch(epoch).batch(step)?.to_vec())
 }
 
+/// Whether a world of `world` ranks can run a job of global batch `global_batch`: the
+/// batch splits evenly over the ranks and, with a micro-batch size, each rank's share is
+/// whole micro-batches. Job validation demands it of `trainers.min` and `trainers.max`;
+/// the coordinator forms worlds only of sizes that fit.
+pub fn world_fits(global_batch: usize, micro: Option<usize>, world: usize) -> bool {
+    world >= 1
+        && global_batch % world == 0
+        && micro.is_none_or(|m| m >= 1 && (global_batch / world) % m == 0)
+}
+
 /// Rank `rank`'s contiguous share of a global batch: `[rank·B/W, (rank+1)·B/W)`.
 /// The batch must split evenly (`W | B`, which job validation also demands).
 pub fn rank_slice<T>(batch: &[T], rank: usize, world: usize) -> Result<&[T], OrderError> {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use proto::job::JobSpec;
 use proto::plan::crops::CropPlan;
-use proto::plan::order::{rank_slice, Cursor, OrderPlan};
+use proto::plan::order::{rank_slice, world_fits, Cursor, OrderError, OrderPlan};
 use tch::Device;
 
 use super::cache_gate::{CacheGate, CacheLookups};
@@ -189,15 +189,23 @@ impl StepFeed {
     }
 }
 
-/// `plan`'s global batches, each cut to this rank's slice (validation guarantees that
-/// the world size divides the global batch).
+/// `plan`'s global batches, each cut to this rank's slice.
 fn rank_batches(plan: &FeedPlan) -> Result<BatchFeed, RunError> {
     let Placement { rank, world } = plan.placement;
+    let batch = plan.order.global_batch();
+    // A coordinator forms only worlds that fit; anything else is a protocol violation.
+    if rank >= world {
+        return Err(OrderError::RankOutOfRange { rank, world }.into());
+    }
+    if !world_fits(batch, None, world) {
+        return Err(OrderError::BatchNotDivisible { batch, world }.into());
+    }
     Ok(Box::new(
         plan.order
             .resume(plan.start)?
             .take(plan.steps as usize)
             .map(move |(cursor, global)| {
+                // Cannot fail: the world and the rank were checked above.
                 let mine = rank_slice(&global, rank, world)
                     .map(|s| s.to_vec())
                     .unwrap_or_default();

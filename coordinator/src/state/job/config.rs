@@ -26,6 +26,8 @@ pub struct JobConfig {
     pub total_steps: u64,
     /// train.batch_size over the whole world.
     pub global_batch: u64,
+    /// train.micro_batch_size (each rank's share must be whole micro-batches).
+    pub micro_batch: Option<usize>,
     /// checkpoint.every_steps (0: only the final step).
     pub every_steps: u64,
     /// checkpoint.keep: how many committed checkpoints the registry keeps.
@@ -61,6 +63,12 @@ pub enum PlanError {
 }
 
 impl JobConfig {
+    /// Whether a world of `size` trainers can run this job
+    /// ([`proto::plan::order::world_fits`]).
+    pub fn world_fits(&self, size: usize) -> bool {
+        proto::plan::order::world_fits(self.global_batch as usize, self.micro_batch, size)
+    }
+
     /// The configuration of `spec` over a dataset of `image_count` images.
     pub fn from_spec(spec: &JobSpec, image_count: u32) -> Result<Self, PlanError> {
         let plan_err = |source| PlanError::Order {
@@ -84,6 +92,7 @@ impl JobConfig {
             shards: Shards::new(image_count, shard_size).map_err(plan_err)?,
             total_steps,
             global_batch: spec.train.batch_size as u64,
+            micro_batch: spec.train.micro_batch_size,
             every_steps: spec.checkpoint.every_steps,
             keep: spec.checkpoint.keep,
             min: spec.trainers.min,

@@ -80,6 +80,7 @@ impl JobState {
             self.cfg.max,
             waited,
             self.cfg.join_wait,
+            |size| self.cfg.world_fits(size),
         ) else {
             return Ok(Vec::new());
         };
