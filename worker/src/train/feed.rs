@@ -14,7 +14,7 @@ use super::driver::Placement;
 use super::error::RunError;
 use super::trainer::{GlobalCounts, Trainer};
 use crate::data::loader::{
-    BatchFeed, CachePrep, LoadedBatch, Loader, LoaderConfig, LoaderStats, SamplePrep, SharedSource,
+    BatchFeed, CachePrep, Loader, LoaderConfig, LoaderStats, SamplePrep, SharedSource,
 };
 use crate::data::sample::{self, Batch, CacheRef, CachedSample, Resolutions, Sample};
 use crate::distill::step::Targets;
@@ -129,26 +129,23 @@ impl StepFeed {
         trainer: &Trainer,
         gate: &mut dyn CacheGate,
     ) -> Result<Option<StepInput>, RunError> {
-        let (micro, rows_per_image) = (self.micro, self.rows_per_image);
+        let (micro, rows) = (self.micro, self.rows_per_image);
         match &mut self.loader {
             Samples::Online(loader) => {
-                let Some(loaded) = loader.next_batch() else {
+                let Some(next) = take(loader, |s| s.grid_boxes.len(), rows)? else {
                     return Ok(None);
                 };
-                let (cursor, images, samples) = unpack(loaded)?;
-                let counts =
-                    local_counts(samples.iter().map(|s| s.grid_boxes.len()), rows_per_image);
                 let mut micro_batches = Vec::new();
-                for part in split(samples, micro) {
+                for part in split(next.samples, micro) {
                     let batch = sample::collate(part)?;
                     let targets = trainer.online_targets(&batch)?;
                     micro_batches.push((batch, targets));
                 }
                 Ok(Some(StepInput {
-                    cursor,
-                    images,
+                    cursor: next.cursor,
+                    images: next.images,
                     micro_batches,
-                    counts,
+                    counts: next.counts,
                     cache: CacheLookups::default(),
                     cache_wait: 0.0,
                 }))
@@ -158,35 +155,62 @@ impl StepFeed {
                 store,
                 resolutions,
             } => {
-                let Some(loaded) = loader.next_batch() else {
+                let Some(next) = take(loader, |s| s.grid_boxes.len(), rows)? else {
                     return Ok(None);
                 };
-                let (cursor, images, samples) = unpack(loaded)?;
-                let counts =
-                    local_counts(samples.iter().map(|s| s.grid_boxes.len()), rows_per_image);
-                let mine: Vec<u32> = samples.iter().map(|s| s.record.index).collect();
+                let mine: Vec<u32> = next.samples.iter().map(|s| s.record.index).collect();
                 let (hits, misses) = store.hits_and_misses(&mine)?;
                 let waited = Instant::now();
-                let global = self.order.batch_at(cursor)?;
+                let global = self.order.batch_at(next.cursor)?;
                 gate.ready(store, &store.shards_needed(&global)?)?;
                 let cache_wait = waited.elapsed().as_secs_f64();
                 let mut micro_batches = Vec::new();
-                for part in split(samples, micro) {
+                for part in split(next.samples, micro) {
                     let (batch, refs) = sample::collate_cached(part, *resolutions)?;
                     let targets = read_targets(store, &refs, trainer.device(), gate)?;
                     micro_batches.push((batch, targets));
                 }
                 Ok(Some(StepInput {
-                    cursor,
-                    images,
+                    cursor: next.cursor,
+                    images: next.images,
                     micro_batches,
-                    counts,
+                    counts: next.counts,
                     cache: CacheLookups { hits, misses },
                     cache_wait,
                 }))
             }
         }
     }
+}
+
+/// A step's samples as the loader hands them over, with this rank's counts.
+struct Taken<T> {
+    cursor: Cursor,
+    images: u64,
+    samples: Vec<T>,
+    counts: GlobalCounts,
+}
+
+/// The loader's next batch (`None` once the plan is done); `boxes` counts a sample's
+/// crops with a box.
+fn take<T: Send + 'static>(
+    loader: &mut Loader<T>,
+    boxes: impl Fn(&T) -> usize,
+    rows_per_image: i64,
+) -> Result<Option<Taken<T>>, RunError> {
+    let Some(loaded) = loader.next_batch() else {
+        return Ok(None);
+    };
+    let cursor = loaded.cursor;
+    let images = loaded.indices.len() as u64;
+    let samples = loaded.into_samples()?;
+    let counts = local_counts(samples.iter().map(boxes), rows_per_image);
+    Ok(Some(Taken {
+        cursor,
+        images,
+        samples,
+        counts,
+    }))
 }
 
 /// `plan`'s global batches, each cut to this rank's slice.
@@ -262,12 +286,6 @@ fn local_counts(boxes_per_image: impl Iterator<Item = usize>, rows_per_image: i6
         crops,
         rows: images * rows_per_image,
     }
-}
-
-fn unpack<T>(loaded: LoadedBatch<T>) -> Result<(Cursor, u64, Vec<T>), RunError> {
-    let cursor = loaded.cursor;
-    let images = loaded.indices.len() as u64;
-    Ok((cursor, images, loaded.into_samples()?))
 }
 
 /// `items` in consecutive runs of at most `size` (≥ 1), in order.

@@ -121,6 +121,11 @@ pub fn train(run: LoopRun<'_>, driver: &mut dyn Driver) -> Result<LoopOutcome, R
             cache: input.cache,
             collective_seq: driver.peers().map_or(0, |p| p.sequence()),
         };
+        let at = At {
+            step,
+            cursor,
+            loss: report.total,
+        };
         losses.push(report.total);
         images += input.images * placement.world as u64;
         log.after_step(&record, placement.world, &feed);
@@ -133,43 +138,20 @@ pub fn train(run: LoopRun<'_>, driver: &mut dyn Driver) -> Result<LoopOutcome, R
                 exports.push(path);
             }
             if driver.checkpoint_due(step) {
-                checkpoint(
-                    &mut checkpoints,
-                    driver,
-                    trainer,
-                    spec,
-                    step,
-                    cursor,
-                    report.total,
-                )?;
+                checkpoint(&mut checkpoints, driver, trainer, spec, at)?;
             }
         }
         if driver.drain_due(step) {
             if placement.writes_artifacts() {
-                checkpoint(
-                    &mut checkpoints,
-                    driver,
-                    trainer,
-                    spec,
-                    step,
-                    cursor,
-                    report.total,
-                )?;
+                checkpoint(&mut checkpoints, driver, trainer, spec, at)?;
             }
             break LoopEnd::Drained;
         }
     };
     if end == LoopEnd::Completed && placement.writes_artifacts() {
-        let last_loss = losses.last().copied().unwrap_or(f64::NAN);
-        checkpoint(
-            &mut checkpoints,
-            driver,
-            trainer,
-            spec,
-            step,
-            cursor,
-            last_loss,
-        )?;
+        let loss = losses.last().copied().unwrap_or(f64::NAN);
+        let at = At { step, cursor, loss };
+        checkpoint(&mut checkpoints, driver, trainer, spec, at)?;
         let path = artifacts::write_export(trainer, spec, ExportPoint::Final)?;
         tracing::info!("job done at step {step}: exported {}", path.display());
         exports.push(path);
@@ -188,21 +170,27 @@ pub fn train(run: LoopRun<'_>, driver: &mut dyn Driver) -> Result<LoopOutcome, R
     })
 }
 
-/// Writes a checkpoint of `step` unless it has one, and hands it to the driver.
+/// Where the run stands after a step: steps done, the order's position, the step's loss.
+#[derive(Clone, Copy, Debug)]
+struct At {
+    step: u64,
+    cursor: Cursor,
+    loss: f64,
+}
+
+/// Writes a checkpoint at `at` unless its step has one, and hands it to the driver.
 fn checkpoint(
     checkpoints: &mut Checkpointer,
     driver: &mut dyn Driver,
     trainer: &Trainer,
     spec: &JobSpec,
-    step: u64,
-    cursor: Cursor,
-    last_loss: f64,
+    at: At,
 ) -> Result<(), RunError> {
-    if !checkpoints.is_new(step) {
+    if !checkpoints.is_new(at.step) {
         return Ok(());
     }
-    driver.checkpoint_started(step);
-    let written = checkpoints.save(trainer, spec, step, cursor, last_loss)?;
+    driver.checkpoint_started(at.step);
+    let written = checkpoints.save(trainer, spec, at.step, at.cursor, at.loss)?;
     driver.checkpoint_written(&written)?;
     faults::hold(faults::CHECKPOINT_WRITTEN);
     Ok(())
