@@ -93,6 +93,12 @@ pub async fn start(spec: JobSpec, opts: ServeOptions) -> anyhow::Result<Running>
         .await
         .context("counting the dataset")??;
     let cfg = JobConfig::from_spec(&spec, image_count)?;
+    let sizes: Vec<usize> = (cfg.min..=cfg.max).filter(|&w| cfg.world_fits(w)).collect();
+    tracing::info!(
+        "{} steps; worlds of {sizes:?} trainers can run them (the global batch of {} splits evenly)",
+        cfg.total_steps,
+        cfg.global_batch
+    );
     let job_name = spec.job.name.clone();
     let heartbeat = cfg.heartbeat_timeout;
     let (journal, records) = Journal::open(&opts.run_dir, opts.resume)?;

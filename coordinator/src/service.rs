@@ -14,7 +14,8 @@ use proto::wire::{
     CommitCheckpointRequest, CommitCheckpointResponse, CompleteShardRequest, CompleteShardResponse,
     FailShardRequest, FailShardResponse, JobPhase, JobStatus, RegisterRequest, RegisterResponse,
     RenewLeaseRequest, RenewLeaseResponse, ReportCorruptShardRequest, ReportCorruptShardResponse,
-    ShardStatusRequest, ShardStatusResponse, StatusRequest, WorkerReport,
+    RequestDrainRequest, RequestDrainResponse, ShardStatusRequest, ShardStatusResponse,
+    StatusRequest, WorkerReport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
@@ -372,6 +373,22 @@ impl Coordinator for Service {
         self.core
             .decide_out(peer, "commit_checkpoint", |s, _| s.commit_checkpoint(&r))?;
         Ok(Response::new(CommitCheckpointResponse { accepted: true }))
+    }
+
+    async fn request_drain(
+        &self,
+        request: Request<RequestDrainRequest>,
+    ) -> Result<Response<RequestDrainResponse>, Status> {
+        let peer = request.remote_addr();
+        let r = request.into_inner();
+        let (phase, stop_step) = self.core.decide(peer, "request_drain", |inner, _| {
+            let (out, phase, stop_step) = inner.state.request_drain(&r.worker_id, &r.reason)?;
+            Ok(((phase, stop_step), out))
+        })?;
+        Ok(Response::new(RequestDrainResponse {
+            phase: phase as i32,
+            stop_step,
+        }))
     }
 
     async fn status(

@@ -8,6 +8,7 @@
 //! trainer never has to remember to heartbeat.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +25,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// First and largest pause between reconnection attempts.
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(4);
+/// How often a wait for commands checks whether this process was told to stop.
+const STOP_POLL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -87,6 +90,8 @@ pub struct Control {
     identity: Arc<Mutex<String>>,
     /// Where this process serves `/metrics`, stamped on every report ("" = none yet).
     metrics_address: Mutex<String>,
+    /// A SIGTERM/Ctrl-C of this process was passed on as `RequestDrain`.
+    stop_forwarded: AtomicBool,
 }
 
 impl Control {
@@ -128,6 +133,7 @@ impl Control {
             events,
             abort_hook,
             identity,
+            stop_forwarded: AtomicBool::new(false),
         })
     }
 
@@ -157,14 +163,51 @@ impl Control {
         self.reports.borrow().clone()
     }
 
-    /// The next command or loss, waiting at most `timeout`.
+    /// The next command or loss, waiting at most `timeout`. A stop this process was asked
+    /// for (SIGTERM, Ctrl-C) is passed on to the coordinator meanwhile.
     pub fn next_event(&self, timeout: Duration) -> Option<ControlEvent> {
-        self.events.recv_timeout(timeout).ok()
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.forward_stop_request();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left.min(STOP_POLL)) {
+                Ok(event) => return Some(event),
+                Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
+                Err(_) => return None,
+            }
+        }
     }
 
-    /// A command or loss that has already arrived, if any.
+    /// A command or loss that has already arrived, if any (passing on a stop request
+    /// first, as [`Control::next_event`] does).
     pub fn poll_event(&self) -> Option<ControlEvent> {
+        self.forward_stop_request();
         self.events.try_recv().ok()
+    }
+
+    /// The first time a stop was asked of this process (`crate::shutdown`), asks the
+    /// coordinator to drain the job. Its Drain and Stop commands then end this worker's
+    /// work as they end everyone's.
+    fn forward_stop_request(&self) {
+        if !crate::shutdown::requested() || self.stop_forwarded.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let request = wire::RequestDrainRequest {
+            worker_id: self.worker_id(),
+            reason: "the worker was told to stop (SIGTERM or Ctrl-C)".into(),
+        };
+        tracing::warn!("told to stop: asking the coordinator to drain the job");
+        match self.call("RequestDrain", |mut c| {
+            let request = request.clone();
+            async move { c.request_drain(request).await }
+        }) {
+            Ok(answer) => tracing::warn!(
+                "the job is {} (stop step {})",
+                answer.phase().as_str_name(),
+                answer.stop_step
+            ),
+            Err(err) => tracing::error!("asking the coordinator to drain failed: {err}"),
+        }
     }
 
     pub fn set_abort_hook(&self, hook: Option<AbortHook>) {

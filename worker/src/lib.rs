@@ -11,6 +11,7 @@ pub mod faults;
 pub mod geometry;
 pub mod model;
 pub mod runtime;
+pub mod shutdown;
 pub mod teacher;
 pub mod telemetry;
 pub mod train;

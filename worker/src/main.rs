@@ -202,6 +202,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::init_logging(&cli.log);
     tracing::info!("{}", info.summary());
+    if let Err(err) = worker::shutdown::install() {
+        eprintln!("error: installing the SIGTERM/SIGINT handlers: {err}");
+        return ExitCode::FAILURE;
+    }
     if let Err(err) = worker::faults::install_from_env() {
         eprintln!("error: {err}");
         return ExitCode::from(EXIT_CONFIG);
@@ -387,6 +391,12 @@ fn print_summary(s: &worker::train::standalone::RunSummary) {
     }
     if let Some(dir) = &s.resumed_from {
         println!("resumed from   {}", dir.display());
+    }
+    if s.interrupted {
+        println!(
+            "interrupted    at step {} (the same command resumes it)",
+            s.final_step
+        );
     }
     if let Some(dir) = &s.checkpoint {
         println!("checkpoint     {}", dir.display());

@@ -146,6 +146,69 @@ fn a_killed_run_resumes_to_bitwise_the_same_weights() {
     );
 }
 
+/// Files of `a` and `b` (checkpoint directories or exports) hold bitwise equal tensors.
+fn assert_same_tensors(a: &Path, b: &Path) {
+    let (x, y) = (tensors(a), tensors(b));
+    assert_eq!(x.len(), y.len(), "{} vs {}", a.display(), b.display());
+    for (name, t) in &x {
+        assert!(t.equal(&y[name]), "{}: {name} differs", a.display());
+    }
+}
+
+#[test]
+fn a_sigterm_checkpoints_the_next_step_and_the_run_resumes_to_the_same_weights() {
+    let whole = tempfile::tempdir().unwrap();
+    stdout_of(&train(whole.path(), SHORT).output().unwrap());
+
+    let stopped = tempfile::tempdir().unwrap();
+    // Held after the step-4 checkpoint until `gate` exists: the SIGTERM lands there, and
+    // the run stops right after that step however fast the machine is.
+    let gate = stopped.path().join("gate");
+    let child = train(stopped.path(), SHORT)
+        .env(
+            proto::faults::ENV,
+            proto::faults::hold_at(proto::faults::CHECKPOINT_WRITTEN, 1, &gate),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = stopped.path().join("checkpoints/step-00000004/state.json");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !first.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    std::fs::write(&gate, b"").unwrap();
+    let summary = stdout_of(&child.wait_with_output().unwrap());
+    assert!(summary.contains("interrupted    at step 4"), "{summary}");
+    assert!(!stopped.path().join("checkpoints/step-00000005").exists());
+    assert!(
+        !stopped.path().join("exports/final.safetensors").exists(),
+        "stopped before the end"
+    );
+
+    let resumed = stdout_of(&train(stopped.path(), SHORT).output().unwrap());
+    assert!(resumed.contains("resumed from"), "{resumed}");
+    let (a, b) = (
+        latest_checkpoint(whole.path()),
+        latest_checkpoint(stopped.path()),
+    );
+    assert_eq!(a.file_name(), b.file_name());
+    for file in ["student.safetensors", "optimizer.safetensors"] {
+        assert_same_tensors(&a.join(file), &b.join(file));
+    }
+    assert_same_tensors(
+        &whole.path().join("exports/final.safetensors"),
+        &stopped.path().join("exports/final.safetensors"),
+    );
+}
+
 #[test]
 fn an_export_is_the_alpha_merge_in_the_original_layout_and_loads_into_inspect() {
     let dir = tempfile::tempdir().unwrap();

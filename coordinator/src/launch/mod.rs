@@ -1,7 +1,7 @@
 //! `coordinator launch`: the whole job on this machine. Starts the coordinator's server
 //! in this process, spawns the teacher and trainer processes (a log file each under
 //! `run_dir/logs/`), restarts failed ones per the job's policy, shows progress, and on
-//! Ctrl-C drains the job (checkpoint at the next step) and stops workers in order.
+//! Ctrl-C or SIGTERM drains the job (checkpoint at the next step) and stops workers in order.
 
 mod progress;
 mod supervisor;
@@ -101,7 +101,11 @@ pub async fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let mut status_rx = running.subscribe();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let mut interrupted = false;
+    // SIGTERM (preemption, `kill`) drains like Ctrl-C; a drained job then exits 0.
+    let mut terminated = false;
     let mut trainers_left = spec.trainers.max;
     let failed_slots = loop {
         tokio::select! {
@@ -126,6 +130,12 @@ pub async fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("\ninterrupted: draining (checkpoint at the next step); Ctrl-C again to stop at once");
                 running.drain("interrupted (Ctrl-C)");
             }
+            _ = sigterm.recv(), if !interrupted => {
+                interrupted = true;
+                terminated = true;
+                eprintln!("\nSIGTERM: draining (checkpoint at the next step); `--resume` continues the job");
+                running.drain("SIGTERM");
+            }
             _ = tokio::signal::ctrl_c(), if interrupted => {
                 break Some("interrupted twice");
             }
@@ -145,9 +155,12 @@ pub async fn launch(args: LaunchArgs) -> anyhow::Result<ExitCode> {
         started.elapsed(),
         supervisor.restarts(),
     );
-    Ok(match (phase, interrupted) {
-        (JobPhase::Completed, _) => ExitCode::SUCCESS,
-        (JobPhase::Stopped, true) => ExitCode::from(130),
+    // A drain asked by Ctrl-C exits 130 (the shell's convention); one asked by SIGTERM,
+    // or by a worker that was told to stop, is a clean stop: 0.
+    Ok(match phase {
+        JobPhase::Completed => ExitCode::SUCCESS,
+        JobPhase::Stopped if interrupted && !terminated => ExitCode::from(130),
+        JobPhase::Stopped => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     })
 }

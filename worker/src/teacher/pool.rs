@@ -50,6 +50,14 @@ pub fn run_teacher(control: &Control, spec: &JobSpec, device: Device) -> Result<
         if stop_requested(control)? {
             return Ok(());
         }
+        if crate::shutdown::requested() {
+            // The drain was requested (`Control::poll_event`): no new shards, wait for Stop.
+            teacher.publish(WorkerState::Idle, images_total, 0.0);
+            if wait_or_stop(control, Duration::from_secs(2))? {
+                return Ok(());
+            }
+            continue;
+        }
         let request = AcquireShardRequest {
             worker_id: control.worker_id().to_string(),
         };
@@ -142,6 +150,9 @@ fn compute_shard(
     teacher.publish(WorkerState::Teaching, images_before, 0.0);
     let range = lease.first_image as u32..(lease.first_image as u32 + lease.image_count);
     let mut progress = |done: u32| -> bool {
+        if crate::shutdown::requested() {
+            return false;
+        }
         let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
         teacher.publish(WorkerState::Teaching, images_before + done as u64, rate);
         if last_renewal.elapsed() < renew_every {
@@ -205,6 +216,24 @@ fn compute_shard(
                 }
             );
             Ok(images as u64)
+        }
+        Err(TeacherError::Abandoned { shard }) if crate::shutdown::requested() => {
+            // Told to stop: give the lease back so another teacher (or this job resumed)
+            // takes the shard at once instead of after the lease expires.
+            tracing::warn!("told to stop: giving back the lease of shard {shard}");
+            let request = FailShardRequest {
+                worker_id,
+                shard,
+                lease_id: lease.lease_id,
+                reason: "the teacher was told to stop (SIGTERM or Ctrl-C)".into(),
+            };
+            if let Err(err) = control.call("FailShard", |mut c| {
+                let request = request.clone();
+                async move { c.fail_shard(request).await }
+            }) {
+                tracing::warn!("giving back the lease of shard {shard}: {err}");
+            }
+            Ok(0)
         }
         Err(TeacherError::Abandoned { shard }) => {
             tracing::warn!("lease of shard {shard} lost; abandoned it (another teacher has it)");

@@ -45,6 +45,8 @@ pub struct RunSummary {
     /// Time inside the step loop (data wait, targets, steps, checkpoints, exports):
     /// `wall` without building models and the teacher cache.
     pub loop_wall: Duration,
+    /// Stopped early by SIGTERM or Ctrl-C, after checkpointing `final_step`.
+    pub interrupted: bool,
     /// Bad images skipped, by reason (each replaced by the next good image in index
     /// order, see `data::skips`); all zero for synthetic data.
     pub skips: SkipCounts,
@@ -90,6 +92,7 @@ pub fn run_standalone(spec: &JobSpec, device: Device) -> Result<RunSummary, RunE
         exports: outcome.exports,
         wall: started.elapsed(),
         loop_wall: outcome.wall,
+        interrupted: outcome.end == LoopEnd::Drained,
         skips: source.skip_counts(),
     })
 }
@@ -177,8 +180,13 @@ impl Driver for Standalone {
         self.every_steps > 0 && step % self.every_steps == 0
     }
 
-    fn drain_due(&mut self, _: u64) -> bool {
-        false
+    /// After SIGTERM or Ctrl-C ([`crate::shutdown`]): checkpoint this step and stop.
+    fn drain_due(&mut self, step: u64) -> bool {
+        let stop = crate::shutdown::requested();
+        if stop {
+            tracing::warn!("told to stop: checkpointing step {step} and ending the run");
+        }
+        stop
     }
 
     fn checkpoint_started(&mut self, _: u64) {}

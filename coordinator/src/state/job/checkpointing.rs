@@ -118,6 +118,24 @@ impl JobState {
             .collect())
     }
 
+    /// A worker was told to stop (SIGTERM, Ctrl-C) and asks for the drain: the same
+    /// coordinated stop as [`JobState::drain`]. Returns the phase and the stop step.
+    pub fn request_drain(
+        &mut self,
+        worker_id: &str,
+        reason: &str,
+    ) -> Result<(Vec<Outgoing>, JobPhase, u64)> {
+        if !self.workers.contains_key(worker_id) {
+            return refuse(
+                Code::NotFound,
+                "unknown_worker",
+                format!("no worker {worker_id:?} is registered"),
+            );
+        }
+        let out = self.drain(&format!("{worker_id} asked to drain: {reason}"))?;
+        Ok((out, self.phase, self.drain_step.unwrap_or(0)))
+    }
+
     /// Rank 0 is done at the last step and that step's checkpoint is committed.
     pub(super) fn maybe_complete(&mut self) -> Result<Vec<Outgoing>> {
         let total = self.cfg.total_steps;

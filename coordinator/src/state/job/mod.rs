@@ -148,7 +148,8 @@ impl JobState {
     }
 
     /// The state a journal's records describe. The world of the old process is gone, so a
-    /// job that was training (or recovering) recovers; one that was draining stops.
+    /// job that was training, recovering, draining or drained (stopped) recovers: it goes
+    /// on from its last committed checkpoint. A completed or failed job stays finished.
     pub fn replay(
         cfg: JobConfig,
         journal: Journal,
@@ -179,10 +180,12 @@ impl JobState {
             JobPhase::Training | JobPhase::Recovering => {
                 state.set_phase(JobPhase::Recovering, "coordinator restarted")?;
             }
-            JobPhase::Draining => state.set_phase(
-                JobPhase::Stopped,
-                "coordinator restarted during a drain; the last committed checkpoint stands",
-            )?,
+            // A drained job (or one whose drain the old process did not finish) goes on
+            // from its last committed checkpoint: a resume after preemption.
+            JobPhase::Draining | JobPhase::Stopped => {
+                state.drain_step = None;
+                state.set_phase(JobPhase::Recovering, "resumed after a drain")?;
+            }
             _ => {}
         }
         state.forming_since = now;

@@ -293,6 +293,75 @@ fn a_replayed_journal_gives_the_same_decisions() {
 }
 
 #[test]
+fn a_worker_asking_to_drain_drains_the_world_and_unknown_workers_are_refused() {
+    let t0 = Instant::now();
+    let mut s = state(t0);
+    let (a, sa) = trainer(&mut s, 7001, t0);
+    s.report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    s.tick(t0 + Duration::from_secs(11)).unwrap();
+    s.report(&a, sa, report(&a, WorkerState::Training, 1, 2), t0)
+        .unwrap();
+    assert!(s.request_drain("w99", "SIGTERM").is_err());
+    let (out, phase, stop_step) = s.request_drain(&a, "SIGTERM").unwrap();
+    assert_eq!((phase, stop_step), (JobPhase::Draining, 3));
+    assert_eq!(
+        out,
+        vec![Outgoing::Send(
+            a.clone(),
+            command(command::Kind::Drain(Drain {
+                generation: 1,
+                stop_step: 3
+            }))
+        )]
+    );
+    // A second request changes nothing.
+    let (out, phase, _) = s.request_drain(&a, "SIGTERM").unwrap();
+    assert!(out.is_empty());
+    assert_eq!(phase, JobPhase::Draining);
+}
+
+#[test]
+fn a_drained_journal_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let cfg = JobConfig::from_spec(&spec(), 96).unwrap();
+    let (journal, _) = Journal::open(dir.path(), false).unwrap();
+    let mut s = JobState::new(cfg.clone(), Some(journal), t0).unwrap();
+    let (a, sa) = trainer(&mut s, 7001, t0);
+    s.report(&a, sa, report(&a, WorkerState::Idle, 0, 0), t0)
+        .unwrap();
+    s.tick(t0 + Duration::from_secs(11)).unwrap();
+    s.report(&a, sa, report(&a, WorkerState::Training, 1, 2), t0)
+        .unwrap();
+    s.request_drain(&a, "SIGTERM").unwrap();
+    s.report(&a, sa, report(&a, WorkerState::Training, 1, 3), t0)
+        .unwrap();
+    s.commit_checkpoint(&ckpt_req(&a, 1, 3)).unwrap();
+    s.report(&a, sa, report(&a, WorkerState::Drained, 1, 3), t0)
+        .unwrap();
+    assert_eq!(s.phase(), JobPhase::Stopped);
+    drop(s);
+    let (journal, records) = Journal::open(dir.path(), true).unwrap();
+    let mut r = JobState::replay(cfg, journal, &records, t0).unwrap();
+    assert_eq!(r.phase(), JobPhase::Recovering);
+    assert!(!r.is_finished());
+    assert_eq!(r.checkpoints().latest_step(), 3);
+    // The workers of the resumed job are welcome again.
+    let again = RegisterRequest {
+        protocol_version: proto::PROTOCOL_VERSION,
+        worker_id: a.clone(),
+        role: Role::Trainer as i32,
+        host: "h".into(),
+        devices: vec!["cpu".into()],
+        ring_address: "127.0.0.1:7001".into(),
+        rank_hint: -1,
+        ..Default::default()
+    };
+    assert!(r.register(&again, t0).is_ok());
+}
+
+#[test]
 fn a_lease_that_expired_between_ticks_is_reissued_with_its_expiry_recorded() {
     let t0 = Instant::now();
     let mut s = state(t0);
